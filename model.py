@@ -1,0 +1,500 @@
+"""
+Qwen3, written by hand: the model, its loader for HF checkpoint folders, in-place LoRA,
+and a batched KV-cache sampler. One set of weights plays both roles of self-distillation:
+the student is the model with its LoRA adapters on, the teacher is the same model with
+them off (`adapters_off`), so the teacher never costs a second copy of the weights.
+
+The architecture follows transformers' Qwen3 exactly (the tests compare logits):
+pre-norm blocks, RMSNorm computed in fp32, per-head RMSNorm on q and k before
+rotate-half RoPE, grouped-query attention, SwiGLU MLP, no biases.
+"""
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder, adapter or config that cannot be used; the message names the file."""
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128  # not hidden_size // heads in general (0.6B: 1024 hidden, 16 heads, 128)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_json(cls, path):
+        """Reads an HF config.json, in the rope_theta layout and in transformers v5's rope_parameters."""
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no config.json in the checkpoint folder") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if raw.get("model_type") != "qwen3":
+            raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'qwen3'")
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (only 'default')")
+        if "rope_theta" in rope:
+            raw["rope_theta"] = rope["rope_theta"]
+        for key in ("attention_bias", "use_sliding_window"):
+            if raw.get(key):
+                raise CheckpointError(f"{path}: {key}=true is not part of the Qwen3 this project implements")
+        known = {f.name for f in fields(cls)}
+        missing = known - {"head_dim", "tie_word_embeddings", "rope_theta", "max_position_embeddings",
+                           "rms_norm_eps"} - raw.keys()
+        if missing:
+            raise CheckpointError(f"{path}: missing config fields {sorted(missing)}")
+        config = cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+        if raw.get("head_dim") is None:
+            config.head_dim = config.hidden_size // config.num_attention_heads
+        return config
+
+    def to_hf_dict(self):
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+                "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
+                "torch_dtype": "bfloat16", **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # the statistics in fp32 whatever the activation dtype, then the scale in the activation dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """positions (B, T) int -> cos, sin (B, 1, T, head_dim), computed in fp32 then cast."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # rotate-half: pairs dimension i with i + head_dim/2 (not interleaved pairs as in the RoPE paper)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                      config.head_dim)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_cache, v_cache = cache  # (B, Hkv, S, hd), preallocated for prompt + new tokens
+            k_cache.index_copy_(2, cache_index, k)
+            v_cache.index_copy_(2, cache_index, v)
+            if T == 1:  # a decode step sees all S slots, the mask hides the unwritten ones; a prefill sees itself
+                k, v = k_cache, v_cache
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_head != self.n_kv_head)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3(nn.Module):
+    """Module names follow the HF checkpoint keys (minus the leading 'model.'), so loading is a rename."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+        self.kv_cache = None  # list of (k, v) per layer while the sampler runs
+
+    @property
+    def lm_head_weight(self):
+        """(V, D): the output matrix, which is the embedding when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden):
+        return hidden @ self.lm_head_weight.T  # (..., V)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None, mask=None):
+        """
+        input_ids (B, T) -> final-norm hidden states (B, T, D).
+        attention_mask (B, T), 1 for real tokens: for left-padded batches; positions then count real tokens only.
+        cache_index / mask are the sampler's: write keys into self.kv_cache at cache_index, attend with mask.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if mask is None and attention_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            # a padded query attends to itself, so no row of the mask is empty (an empty row gives NaN)
+            mask = causal & (attention_mask.bool()[:, None, None, :] | torch.eye(T, dtype=torch.bool,
+                                                                                    device=input_ids.device))
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if self.kv_cache is None else self.kv_cache[i], cache_index)
+        return self.norm(x)
+
+
+def hf_key(name):
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _safetensors_files(path):
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_path}: not a safetensors index ({e!r})") from None
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not os.path.exists(os.path.join(path, shard)):
+                raise CheckpointError(f"{index_path}: names shard {shard!r}, which is not in {path}")
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    return [single]
+
+
+def load_qwen3(path, device="cpu", dtype=torch.bfloat16):
+    """Builds Qwen3 from an HF checkpoint folder, streaming one tensor at a time into preallocated weights."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint folder does not exist")
+    config = Qwen3Config.from_json(os.path.join(path, "config.json"))
+    with torch.device("meta"):
+        model = Qwen3(config).to(dtype)
+    model = model.to_empty(device=device)  # allocates one copy of the weights, in dtype, uninitialised
+    expected = {hf_key(name): p for name, p in model.named_parameters()}
+    seen = set()
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # some tied checkpoints carry a copy of the embedding; ours is the embedding
+                    if key not in expected:
+                        raise CheckpointError(f"{file}: unexpected tensor {key!r}")
+                    tensor = f.get_tensor(key)
+                    if tensor.shape != expected[key].shape:
+                        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                              f"config.json implies {tuple(expected[key].shape)}")
+                    with torch.no_grad():
+                        expected[key].copy_(tensor)
+                    seen.add(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    missing = sorted(expected.keys() - seen)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return model.requires_grad_(False).eval()
+
+
+def save_qwen3(model, path):
+    """Writes an HF checkpoint folder (config.json + model.safetensors) that transformers loads."""
+    if lora_modules(model):
+        raise ValueError("save_qwen3 writes base weights only: merge_lora(model) first, or save_lora the adapter")
+    os.makedirs(path, exist_ok=True)
+    tensors = {hf_key(name): p.detach().contiguous().cpu() for name, p in model.named_parameters()}
+    atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(tensors, tmp,
+                                                                               metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, "config.json"),
+                 lambda tmp: json.dump(model.config.to_hf_dict(), open(tmp, "w"), indent=2))
+
+
+def atomic_write(path, write):
+    """write(tmp_path) then rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# LoRA: W x + (alpha / r) B A x, with B = 0 at the start so the model is unchanged.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.weight = base.weight  # frozen base weight, shared, not copied
+        self.scaling = alpha / rank
+        self.enabled = True
+        out_features, in_features = base.weight.shape
+        # fp32 adapters on bf16 weights: AdamW updates of a small B would round away in bf16
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if not self.enabled:
+            return y
+        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scaling * update).to(y.dtype)
+
+
+def lora_modules(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def apply_lora(model, rank=64, alpha=128, targets=LORA_TARGETS):
+    """Swaps the targeted linears for LoRALinear in place; freezes everything else; returns the LoRA parameters."""
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in module.named_children():
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha))
+    model.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets))}
+    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
+
+
+@contextmanager
+def adapters_off(model):
+    """The teacher: the frozen base model, through the same weights, with no copy."""
+    modules = [m for _, m in lora_modules(model)]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.enabled = True
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Folds W += (alpha / r) B A into the base weights and turns each LoRALinear back into a plain Linear."""
+    for name, m in lora_modules(model):
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        linear = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=False, device="meta")
+        delta = m.scaling * (m.lora_B @ m.lora_A)
+        linear.weight = nn.Parameter((m.weight.float() + delta).to(m.weight.dtype), requires_grad=False)
+        setattr(parent, name.rsplit(".", 1)[1], linear)
+    return model
+
+
+def peft_key(name, part):
+    # PEFT wraps the HF model twice: base_model (LoraModel) . model (Qwen3ForCausalLM) . model (Qwen3Model)
+    return f"base_model.model.{hf_key(name)}.{part}.weight"
+
+
+def save_lora(model, path, base_model_name_or_path=""):
+    """Writes a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically."""
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name, m in lora_modules(model):
+        tensors[peft_key(name, "lora_A")] = m.lora_A.detach().contiguous().cpu()
+        tensors[peft_key(name, "lora_B")] = m.lora_B.detach().contiguous().cpu()
+    adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path":
+                      base_model_name_or_path, **model.lora_config, "lora_dropout": 0.0, "bias": "none",
+                      "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
+                      "init_lora_weights": True, "modules_to_save": None}
+    atomic_write(os.path.join(path, "adapter_model.safetensors"),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, "adapter_config.json"),
+                 lambda tmp: json.dump(adapter_config, open(tmp, "w"), indent=2))
+
+
+def load_lora(model, path):
+    """Reads a PEFT adapter into the model, applying LoRA first if the model has none."""
+    config_path = os.path.join(path, "adapter_config.json")
+    try:
+        with open(config_path) as f:
+            adapter_config = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: cannot read the adapter config ({e})") from None
+    if not lora_modules(model):
+        apply_lora(model, adapter_config["r"], adapter_config["lora_alpha"], adapter_config["target_modules"])
+    weights_path = os.path.join(path, "adapter_model.safetensors")
+    try:
+        with safe_open(weights_path, framework="pt", device="cpu") as f:
+            stored = set(f.keys())
+            for name, m in lora_modules(model):
+                for part in ("lora_A", "lora_B"):
+                    key = peft_key(name, part)
+                    if key not in stored:
+                        raise CheckpointError(f"{weights_path}: missing tensor {key!r}")
+                    with torch.no_grad():
+                        getattr(m, part).copy_(f.get_tensor(key))
+    except (SafetensorError, FileNotFoundError) as e:
+        raise CheckpointError(f"{weights_path}: cannot read the adapter ({e})") from None
+    return model
+
+
+# The sampler. Prompts are left-padded into one batch so that every row's next token sits in the
+# same column; each row keeps its own positions (counting its real tokens only), so a prompt gives
+# the same tokens in a batch as alone. The KV cache is preallocated for prompt + new tokens and
+# every decode step has the same shapes, so it compiles once (and is captured as a CUDA graph).
+
+
+def sample_token(logits, noise, temperature, top_k, top_p):
+    """logits (B, V) fp32, noise (B, V) ~ Exp(1) -> (B,) token ids; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already cover top_p; the top token always stays
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    # the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p, with no host sync
+    return (probs / noise).argmax(-1)
+
+
+def decode_step(model, token, position, cache_index, key_valid):
+    """token, position (B, 1); cache_index (1,); key_valid (B, S) -> next-token logits (B, V) fp32."""
+    key_valid.index_fill_(1, cache_index, True)
+    hidden = model(token, position_ids=position, cache_index=cache_index, mask=key_valid[:, None, None, :])
+    return model.logits(hidden[:, -1]).float()
+
+
+class Rollout(tuple):
+    """(tokens, finished): the new token ids up to and including the EOS that stopped the row; whether it did."""
+    __slots__ = ()
+
+    def __new__(cls, tokens, finished):
+        return super().__new__(cls, (tokens, finished))
+
+    tokens = property(lambda self: self[0])
+    finished = property(lambda self: self[1])
+
+
+_compiled_decode_step = {}
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(), seed=None,
+             num_samples=1, compile=False):
+    """
+    Samples num_samples continuations of each prompt (lists of token ids, any lengths), prefilling each prompt
+    once. Returns len(prompts) * num_samples Rollouts, the samples of a prompt next to each other.
+    """
+    device = model.embed_tokens.weight.device
+    config = model.config
+    n_prompts, prompt_len = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("generate: every prompt needs at least one token")
+    n_rows, n_slots = n_prompts * num_samples, prompt_len + max_new_tokens
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+
+    input_ids = torch.zeros(n_prompts, prompt_len, dtype=torch.long)
+    attention_mask = torch.zeros(n_prompts, prompt_len, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, prompt_len - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, prompt_len - len(prompt):] = True
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+
+    cache_shape = (n_prompts, config.num_key_value_heads, n_slots, config.head_dim)
+    dtype = model.embed_tokens.weight.dtype
+    model.kv_cache = [(torch.zeros(cache_shape, dtype=dtype, device=device),
+                       torch.zeros(cache_shape, dtype=dtype, device=device)) for _ in model.layers]
+    try:
+        hidden = model(input_ids, attention_mask=attention_mask,
+                       cache_index=torch.arange(prompt_len, device=device))
+        logits = model.logits(hidden[:, -1]).float().repeat_interleave(num_samples, 0)  # (B, V)
+        model.kv_cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0))
+                          for k, v in model.kv_cache]
+        key_valid = torch.zeros(n_rows, n_slots, dtype=torch.bool, device=device)
+        key_valid[:, :prompt_len] = attention_mask.repeat_interleave(num_samples, 0)
+        position = attention_mask.sum(-1, keepdim=True).repeat_interleave(num_samples, 0)  # (B, 1)
+
+        step_fn = decode_step
+        if compile:
+            mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            step_fn = _compiled_decode_step.setdefault(mode, torch.compile(decode_step, mode=mode, fullgraph=True))
+        eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+        new_tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
+        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        slots = torch.arange(n_slots, device=device)
+        for step in range(max_new_tokens):
+            noise = torch.empty_like(logits).exponential_(generator=generator)
+            token = sample_token(logits, noise, temperature, top_k, top_p)
+            new_tokens[:, step] = token.masked_fill(done, -1)
+            done |= torch.isin(token, eos)
+            if step + 1 == max_new_tokens or (step % 32 == 31 and bool(done.all())):
+                break
+            cache_index = slots[prompt_len + step:prompt_len + step + 1]
+            logits = step_fn(model, token[:, None], position + step, cache_index, key_valid)
+    finally:
+        model.kv_cache = None
+
+    rollouts = []
+    eos_set = set(eos_ids)
+    for row in new_tokens.tolist():
+        tokens = row[:row.index(-1)] if -1 in row else row
+        rollouts.append(Rollout(tokens, bool(tokens) and tokens[-1] in eos_set))
+    return rollouts

@@ -1,0 +1,299 @@
+"""
+Every test of the project: `python test_pbsd.py` (pytest underneath). CPU only, a few minutes.
+Each numerical path is checked against an independent reference: transformers' Qwen3 on the same
+tiny random checkpoint, a float64 naive implementation, or a closed form.
+"""
+
+import json
+import math
+import os
+import struct
+import sys
+
+import pytest
+import torch
+
+import model as M
+
+torch.set_num_threads(2)
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
+            tie_word_embeddings=True)
+
+
+def make_checkpoint(path, seed=0, rope_layout="theta", shards=1, **overrides):
+    """A random transformers Qwen3 saved as an HF folder; returns (path, the transformers model in fp32)."""
+    import transformers
+    from safetensors.torch import save_file
+    fields = {**TINY, **overrides}
+    torch.manual_seed(seed)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**fields)).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # non-trivial norms and projections, so a mix-up shows
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()
+             if not (fields["tie_word_embeddings"] and k == "lm_head.weight")}
+    keys = sorted(state)
+    if shards == 1:
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i in range(shards):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: state[k] for k in keys[i::shards]}
+            save_file(part, os.path.join(path, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in part})
+        json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(path, "model.safetensors.index.json"), "w"))
+    config = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], **fields}
+    theta = config.pop("rope_theta")
+    config.update({"rope_theta": theta} if rope_layout == "theta" else
+                  {"rope_parameters": {"rope_type": "default", "rope_theta": theta}})
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    return str(path), hf
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+# ---- model.py: the hand-written Qwen3 against transformers
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # tied, GQA 2, head_dim 16 = 64 / 4
+    dict(tie_word_embeddings=False, num_key_value_heads=4),  # untied, GQA 1
+    dict(num_key_value_heads=1, head_dim=24),  # GQA 4, head_dim != hidden / heads
+    dict(shards=3, rope_layout="parameters"),  # sharded with an index, v5 rope layout
+])
+def test_logits_match_transformers(tmp_path, overrides):
+    path, hf = make_checkpoint(tmp_path, seed=1, **overrides)
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 11))
+    expected = hf(ids).logits
+    assert (ours.logits(ours(ids)) - expected).abs().max() < 1e-4
+
+
+def test_logits_match_transformers_with_left_padding(tiny):
+    path, hf = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 9))
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[1, :4] = 0
+    attention_mask[2, :1] = 0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    expected = hf(ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    got = ours.logits(ours(ids, attention_mask=attention_mask))
+    real = attention_mask.bool()
+    assert (got[real] - expected[real]).abs().max() < 1e-4
+    assert torch.isfinite(got).all()
+
+
+def test_bf16_load(tiny):
+    path, _ = tiny
+    fp32, bf16 = M.load_qwen3(path, dtype=torch.float32), M.load_qwen3(path)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    ids = torch.randint(0, TINY["vocab_size"], (2, 10))
+    reference, got = fp32.logits(fp32(ids)), bf16.logits(bf16(ids))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_lora_identity_grads_teacher_merge_and_roundtrip(tiny, tmp_path):
+    path, _ = tiny
+    model = M.load_qwen3(path, dtype=torch.float32)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 8))
+    base_logits = model.logits(model(ids))
+    lora_params = M.apply_lora(model, rank=4, alpha=8)
+    assert len(lora_params) == 2 * 7 * TINY["num_hidden_layers"]
+    assert torch.equal(model.logits(model(ids)), base_logits)  # B = 0: unchanged
+
+    model.logits(model(ids)).square().mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+    with torch.no_grad():
+        for p in lora_params:
+            p.add_(0.1 * torch.randn_like(p))
+    student_logits = model.logits(model(ids)).detach()
+    assert (student_logits - base_logits).abs().max() > 1e-3
+    with M.adapters_off(model):
+        assert torch.equal(model.logits(model(ids)), base_logits)
+    assert torch.equal(model.logits(model(ids)), student_logits)
+
+    M.save_lora(model, tmp_path / "adapter")
+    reloaded = M.load_lora(M.load_qwen3(path, dtype=torch.float32), tmp_path / "adapter")
+    assert torch.equal(reloaded.logits(reloaded(ids)), student_logits)
+
+    M.merge_lora(model)
+    assert not M.lora_modules(model)
+    assert (model.logits(model(ids)) - student_logits).abs().max() < 1e-4
+
+
+def test_peft_loads_our_adapter(tiny, tmp_path):
+    peft = pytest.importorskip("peft")
+    path, hf = tiny
+    model = M.load_qwen3(path, dtype=torch.float32)
+    lora_params = M.apply_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in lora_params:
+            p.add_(0.1 * torch.randn_like(p))
+    M.save_lora(model, tmp_path / "adapter", base_model_name_or_path=path)
+    import transformers
+    hf_copy = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf_copy, str(tmp_path / "adapter")).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 8))
+    assert (peft_model(ids).logits - model.logits(model(ids))).abs().max() < 1e-4
+
+
+def _expect_error(path, fragment):
+    with pytest.raises(M.CheckpointError) as err:
+        M.load_qwen3(str(path), dtype=torch.float32)
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_checkpoint_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _expect_error(tmp_path / "nowhere", "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _expect_error(empty, "no config.json")
+
+    path, _ = make_checkpoint(tmp_path / "ok")
+    config_file, weights_file = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    config, weights = json.load(open(config_file)), load_file(weights_file)
+
+    json.dump({**config, "model_type": "llama"}, open(config_file, "w"))
+    _expect_error(path, "model_type is 'llama'")
+    json.dump({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, open(config_file, "w"))
+    _expect_error(path, "rope type 'yarn'")
+    json.dump(config, open(config_file, "w"))
+
+    save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, weights_file)
+    _expect_error(path, "missing tensors ['model.norm.weight']")
+    save_file({**weights, "model.extra.weight": torch.zeros(2)}, weights_file)
+    _expect_error(path, "unexpected tensor 'model.extra.weight'")
+    save_file({**weights, "model.norm.weight": torch.zeros(3)}, weights_file)
+    _expect_error(path, "'model.norm.weight' has shape (3,)")
+    save_file(weights, weights_file)
+    blob = open(weights_file, "rb").read()
+    open(weights_file, "wb").write(blob[: len(blob) // 2])
+    _expect_error(path, "corrupt or truncated")
+    open(weights_file, "wb").write(struct.pack("<Q", 10**6) + b"{nonsense")
+    _expect_error(path, "corrupt or truncated")
+
+    os.remove(weights_file)
+    json.dump({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}},
+              open(os.path.join(path, "model.safetensors.index.json"), "w"))
+    _expect_error(path, "names shard 'model-00001-of-00002.safetensors'")
+
+
+def test_bad_checkpoint_exits_nonzero_from_the_command_line(tmp_path):
+    import subprocess
+    result = subprocess.run([sys.executable, "eval.py", f"--model={tmp_path / 'missing'}", "--data=x.jsonl"],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode != 0
+    assert "checkpoint folder does not exist" in result.stderr
+
+
+# ---- model.py: the sampler
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, TINY["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_greedy_matches_transformers_generate(tmp_path, tied):
+    path, hf = make_checkpoint(tmp_path, seed=2, tie_word_embeddings=tied)
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    prompts = _prompts([5, 9, 2, 7])
+    rollouts = M.generate(ours, prompts, 12, temperature=0)
+    for prompt, rollout in zip(prompts, rollouts):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+        assert rollout.tokens == expected
+        assert not rollout.finished
+
+
+def test_cache_equals_recomputing_the_prefix(tiny):
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    for prompt, rollout in zip(_prompts([4, 8]), M.generate(ours, _prompts([4, 8]), 10, temperature=0)):
+        sequence = list(prompt)
+        for _ in range(10):
+            sequence.append(int(ours.logits(ours(torch.tensor([sequence])))[0, -1].argmax()))
+        assert rollout.tokens == sequence[len(prompt):]
+
+
+def test_first_token_frequencies_follow_softmax(tiny):
+    from scipy.stats import chisquare
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    prompt = _prompts([6])[0]
+    temperature = 1.5
+    probs = (ours.logits(ours(torch.tensor([prompt])))[0, -1].double() / temperature).softmax(-1)
+    rollouts = M.generate(ours, [prompt], 1, temperature=temperature, num_samples=4000, seed=0)
+    counts = torch.bincount(torch.tensor([r.tokens[0] for r in rollouts]), minlength=len(probs)).double()
+    # pool the rare tokens into one bin so every expected count is large enough for the chi-square test
+    common = probs * 4000 >= 5
+    observed, expected = counts[common], probs[common]
+    if not common.all():
+        observed, expected = torch.cat([observed, counts[~common].sum()[None]]), torch.cat([expected, probs[~common].sum()[None]])
+    expected = expected / expected.sum() * 4000
+    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_top_k_and_top_p_stay_in_the_kept_set(tiny):
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    prompt = _prompts([6])[0]
+    probs = ours.logits(ours(torch.tensor([prompt])))[0, -1].softmax(-1)
+    order = probs.argsort(descending=True)
+    top5 = set(order[:5].tolist())
+    cumulative = probs[order].cumsum(0)
+    nucleus = set(order[: int((cumulative < 0.6).sum()) + 1].tolist())
+    draws = M.generate(ours, [prompt], 1, top_k=5, num_samples=500, seed=1)
+    assert {r.tokens[0] for r in draws} <= top5 and len({r.tokens[0] for r in draws}) > 1
+    draws = M.generate(ours, [prompt], 1, top_p=0.6, num_samples=500, seed=1)
+    assert {r.tokens[0] for r in draws} == nucleus
+
+
+def test_seed_reproducible_and_eos_handling(tiny):
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    prompts = _prompts([3, 6, 5])
+    first = M.generate(ours, prompts, 20, seed=7, num_samples=2)
+    assert first == M.generate(ours, prompts, 20, seed=7, num_samples=2)
+    eos = first[0].tokens[4]  # a token the first row emits: stopping there must cut the row
+    stopped = M.generate(ours, prompts, 20, seed=7, num_samples=2, eos_ids=(eos,))
+    for free, cut in zip(first, stopped):
+        if eos in free.tokens:
+            assert cut.finished and cut.tokens == free.tokens[: free.tokens.index(eos) + 1]
+        else:
+            assert not cut.finished and cut.tokens == free.tokens and len(cut.tokens) == 20
+
+
+def test_sampler_with_lora_and_as_teacher(tiny):
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    prompts = _prompts([4, 7])
+    base = M.generate(ours, prompts, 8, temperature=0)
+    for p in M.apply_lora(ours, rank=4, alpha=64):
+        torch.nn.init.normal_(p, std=0.5)
+    with M.adapters_off(ours):
+        assert M.generate(ours, prompts, 8, temperature=0) == base
+    student = M.generate(ours, prompts, 8, temperature=0)
+    assert student != base
+    for prompt, rollout in zip(prompts, student):  # the cache path with LoRA on equals a plain forward
+        sequence = prompt + rollout.tokens
+        expected = ours.logits(ours(torch.tensor([sequence])))[0, len(prompt) - 1:-1].argmax(-1).tolist()
+        assert rollout.tokens == expected
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

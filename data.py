@@ -1,0 +1,332 @@
+"""
+Everything between a data file and a reward: examples, the tokenizer, the student and teacher prompts,
+the verifiable rewards (math answers, tool calls), and the built-in synthetic tasks.
+"""
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class DataError(ValueError):
+    """A data file or template that cannot be used; the message names the file and the row."""
+
+
+@dataclass
+class Example:
+    problem: str
+    answer: str  # the final answer a response must reach (math), or the reference call as JSON (tool)
+    solution: str = ""  # the reference solution the teacher reads; absent in most evaluation sets
+    task: str = "math"  # "math" or "tool": which reward grades it
+
+
+def last_boxed(text):
+    """The content of the last \\boxed{...} (or \\fbox{...}) in text, nested braces included; None if none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for i in range(brace, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[brace + 1:i]
+    return None  # unbalanced: the box was cut off
+
+
+# Data files: JSONL, JSON (a list of objects) and Parquet, the formats OpenThoughts, AIME, HMMT and AMO-Bench ship in.
+
+
+def _read_rows(path):
+    """Yields (row number, dict) from a JSONL, JSON or Parquet file; row numbers are 1-based."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: data file does not exist")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    elif path.endswith(".json"):
+        try:
+            rows = json.load(open(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+        yield from enumerate(rows, start=1)
+    else:
+        with open(path) as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_number, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: invalid JSON at line {line_number}: {e.msg}") from None
+
+
+def load_examples(path, problem_key="problem", solution_key="solution", answer_key="answer"):
+    """Math examples; a row without an answer takes the last \\boxed{} of its solution."""
+    examples = []
+    for row_number, row in _read_rows(path):
+        if not isinstance(row, dict) or not row.get(problem_key):
+            raise DataError(f"{path}: row {row_number} has no {problem_key!r} field")
+        solution = str(row.get(solution_key) or "")
+        answer = row.get(answer_key)
+        answer = str(answer) if answer not in (None, "") else last_boxed(solution)
+        if answer is None:
+            raise DataError(f"{path}: row {row_number} has no {answer_key!r} field and no \\boxed{{}} answer "
+                            f"in its {solution_key!r} field")
+        examples.append(Example(str(row[problem_key]), answer, solution))
+    if not examples:
+        raise DataError(f"{path}: no examples in the file")
+    return examples
+
+
+# Tool use, in the ToolAlpaca style: a request plus API documentation; the answer is one call,
+#   Action: <name>
+#   Action Input: <JSON arguments>
+
+
+def format_tool_call(name, arguments):
+    return f"Action: {name}\nAction Input: {json.dumps(arguments, sort_keys=True)}"
+
+
+def parse_tool_call(text):
+    """The last Action / Action Input pair in text -> (name, arguments dict), or None."""
+    matches = re.findall(r"Action:\s*([^\n]+)\s*\nAction Input:\s*(\{.*?\})\s*(?=\n|$|<)", text, flags=re.S)
+    for name, arguments in reversed(matches):
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(parsed, dict):
+            return name.strip(), parsed
+    return None
+
+
+def load_tool_examples(path, request_key="instruction", docs_key="documentation", action_key="action",
+                       arguments_key="action_input"):
+    """ToolAlpaca-style rows: the request, the API documentation, the reference action and its JSON arguments."""
+    examples = []
+    for row_number, row in _read_rows(path):
+        for key in (request_key, docs_key, action_key):
+            if not isinstance(row, dict) or not row.get(key):
+                raise DataError(f"{path}: row {row_number} has no {key!r} field")
+        arguments = row.get(arguments_key, {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: row {row_number}: {arguments_key!r} is not JSON ({e.msg})") from None
+        call = format_tool_call(row[action_key], arguments)
+        problem = f"{row[request_key]}\n\nAvailable APIs:\n{row[docs_key]}"
+        examples.append(Example(problem, json.dumps({"name": row[action_key], "arguments": arguments}),
+                                call, task="tool"))
+    if not examples:
+        raise DataError(f"{path}: no examples in the file")
+    return examples
+
+
+# Rewards in [0, 1], verifiable.
+
+
+def math_reward(response_text, answer, timeout_seconds=5):
+    """1 if the last \\boxed{} of the response equals the answer (math-verify, bounded time), else 0."""
+    from math_verify import parse, verify
+    boxed = last_boxed(response_text)
+    if boxed is None or not boxed.strip():
+        return 0.0
+    try:
+        gold = parse(f"${answer}$", parsing_timeout=timeout_seconds)
+        predicted = parse(f"${boxed}$", parsing_timeout=timeout_seconds)
+        return float(bool(gold) and bool(predicted) and verify(gold, predicted, timeout_seconds=timeout_seconds))
+    except Exception:  # math-verify's own parse failures and time-outs grade as wrong, never crash a run
+        return 0.0
+
+
+def tool_reward(response_text, reference):
+    """1 if the response's call has the reference's action name and the same arguments as parsed JSON."""
+    reference = json.loads(reference)
+    call = parse_tool_call(response_text)
+    return float(call is not None and call[0] == reference["name"] and call[1] == reference["arguments"])
+
+
+def reward(example, response_text):
+    return (math_reward if example.task == "math" else tool_reward)(response_text, example.answer)
+
+
+# The tokenizer: the `tokenizers` library reading the checkpoint's tokenizer.json.
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+
+class Tokenizer:
+    def __init__(self, checkpoint_dir):
+        path = os.path.join(checkpoint_dir, "tokenizer.json")
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no tokenizer.json in the checkpoint folder")
+        self.tokenizer = HFTokenizer.from_file(path)
+        for token in (IM_START, IM_END):
+            if self.tokenizer.token_to_id(token) is None:
+                raise DataError(f"{path}: the chat token {token} is not in the vocabulary")
+        self.eos_ids = self._eos_ids(checkpoint_dir)
+        self.pad_id = self.tokenizer.token_to_id(ENDOFTEXT) or self.eos_ids[0]
+
+    def _eos_ids(self, checkpoint_dir):
+        path = os.path.join(checkpoint_dir, "generation_config.json")
+        if os.path.exists(path):
+            eos = json.load(open(path)).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (eos,)
+        return tuple(i for i in (self.tokenizer.token_to_id(IM_END), self.tokenizer.token_to_id(ENDOFTEXT))
+                     if i is not None)
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        """Text without the special tokens (the EOS that ends a response)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(checkpoint_dir):
+    return Tokenizer(checkpoint_dir)
+
+
+# Prompts, in Qwen3's chat format. Student and teacher share the thinking setting: with thinking off Qwen3
+# opens the answer with an empty think block, and a mismatch would make them disagree from the first token.
+
+TEMPLATES = {
+    "math": {
+        "student": "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        "teacher": ("{problem}\n\nHere is a reference solution to this problem:\n"
+                    "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
+                    "Make sure you understand the reference solution, then solve the problem in your own words, "
+                    "without referring to the reference.\n"
+                    "Please reason step by step, and put your final answer within \\boxed{}."),
+    },
+    "tool": {
+        "student": "{problem}\n\nAnswer with exactly one API call, as\nAction: <API name>\nAction Input: <JSON arguments>",
+        "teacher": ("{problem}\n\nHere is a reference answer:\n"
+                    "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
+                    "Make sure you understand the reference answer, then answer in your own words.\n"
+                    "Answer with exactly one API call, as\nAction: <API name>\nAction Input: <JSON arguments>"),
+    },
+}
+
+
+def check_template(template, role):
+    needed = ("{problem}", "{solution}") if role == "teacher" else ("{problem}",)
+    for field in needed:
+        if field not in template:
+            raise DataError(f"the {role} template must contain {field}: {template!r}")
+    return template
+
+
+def chat_prompt(user_text, thinking=False):
+    prompt = f"{IM_START}user\n{user_text}{IM_END}\n{IM_START}assistant\n"
+    return prompt if thinking else prompt + "<think>\n\n</think>\n\n"
+
+
+def student_prompt(example, tokenizer=None, thinking=False, template=None):
+    """The problem alone. Returns token ids when given a tokenizer, else the text."""
+    template = check_template(template or TEMPLATES[example.task]["student"], "student")
+    text = chat_prompt(template.replace("{problem}", example.problem), thinking)
+    return tokenizer.encode(text) if tokenizer else text
+
+
+def teacher_prompt(example, tokenizer=None, thinking=False, template=None):
+    """The problem and the reference solution."""
+    if not example.solution:
+        raise DataError(f"the teacher prompt needs a reference solution; this example has none: "
+                        f"{example.problem[:80]!r}")
+    template = check_template(template or TEMPLATES[example.task]["teacher"], "teacher")
+    text = chat_prompt(template.replace("{problem}", example.problem).replace("{solution}", example.solution),
+                       thinking)
+    return tokenizer.encode(text) if tokenizer else text
+
+
+# Built-in synthetic tasks, deterministic for a seed: the toy world and the tests train and grade on them.
+
+NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia"]
+ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps", "marbles", "cards"]
+
+
+def synthetic_math(n, seed=0, steps=(1, 2), max_value=99):
+    """
+    n word problems of `steps` additions or subtractions on numbers up to max_value, each with a worked
+    solution that does one operation per line and ends in \\boxed{answer}.
+    """
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        value = rng.randint(1, max_value)
+        sentences, lines = [f"{name} has {value} {item}."], []
+        for _ in range(rng.randint(*steps)):
+            if rng.random() < 0.5 or value < 2:
+                amount = rng.randint(1, max_value)
+                sentences.append(f"{name} gets {amount} more.")
+                lines.append(f"{value} + {amount} = {value + amount}")
+                value += amount
+            else:
+                amount = rng.randint(1, value - 1)
+                sentences.append(f"{name} gives away {amount}.")
+                lines.append(f"{value} - {amount} = {value - amount}")
+                value -= amount
+        problem = " ".join(sentences) + f" How many {item} does {name} have now?"
+        solution = "\n".join(lines) + f"\n\\boxed{{{value}}}"
+        examples.append(Example(problem, str(value), solution))
+    return examples
+
+
+TOOL_APIS = {
+    "get_weather": ("city", "unit"),
+    "convert_currency": ("amount", "from", "to"),
+    "search_books": ("author", "year"),
+}
+TOOL_VALUES = {"city": ["Paris", "Lima", "Oslo", "Cairo"], "unit": ["celsius", "fahrenheit"],
+               "amount": [5, 20, 150], "from": ["USD", "EUR"], "to": ["JPY", "GBP"],
+               "author": ["Austen", "Tolstoy", "Borges"], "year": [1813, 1869, 1944]}
+
+
+def synthetic_tools(n, seed=0):
+    """n ToolAlpaca-style requests over three small APIs, with the reference call."""
+    rng = random.Random(seed)
+    docs = "\n".join(f"- {name}({', '.join(params)})" for name, params in TOOL_APIS.items())
+    examples = []
+    for _ in range(n):
+        name = rng.choice(sorted(TOOL_APIS))
+        arguments = {p: rng.choice(TOOL_VALUES[p]) for p in TOOL_APIS[name]}
+        request = f"Please call {name} with " + ", ".join(f"{k}={v}" for k, v in arguments.items()) + "."
+        examples.append(Example(f"{request}\n\nAvailable APIs:\n{docs}",
+                                json.dumps({"name": name, "arguments": arguments}),
+                                format_tool_call(name, arguments), task="tool"))
+    return examples
+
+
+def train_tokenizer(texts, vocab_size, path):
+    """
+    Trains a byte-level BPE on texts (digits split one per token, as in Qwen's tokenizer), adds the chat
+    tokens in Qwen's order, and writes tokenizer.json into the folder path.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_tokens(["<think>", "</think>"])  # added but not special, as in Qwen3: decode keeps them
+    os.makedirs(path, exist_ok=True)
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    return Tokenizer(path)

@@ -1,0 +1,185 @@
+"""
+Avg@k evaluation: k sampled answers per problem with the project's sampler, graded by the verifiable reward.
+
+    python eval.py --model DIR [--lora DIR] --data FILE [--k 12] [--temperature 1.0] [--max_new_tokens 2048]
+    torchrun --nproc_per_node 8 eval.py ...   (problems are split across ranks and gathered on rank 0)
+
+Avg@k is the mean over problems of (correct samples / k). pass@k uses the unbiased estimator of Chen et al.
+(2021), 1 - C(n - c, k) / C(n, k) with n samples of which c are correct; pass@1 equals Avg@k.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+import model as qwen3
+
+UNCERTAINTY_WORDS = ("wait", "hmm", "perhaps", "maybe", "actually", "alternatively", "let me check",
+                     "let me verify", "double-check", "not sure")
+UNCERTAINTY_PATTERN = re.compile(r"\b(" + "|".join(re.escape(w) for w in UNCERTAINTY_WORDS) + r")\b", re.I)
+
+
+def uncertainty_rate(texts, n_tokens):
+    """Uncertainty words ("wait", "hmm", "perhaps", ...) per 1K response tokens: the epistemic verbalization
+    whose suppression goes with the reasoning losses of self-distillation (Kim et al., 2026)."""
+    return 1000 * sum(len(UNCERTAINTY_PATTERN.findall(t)) for t in texts) / max(n_tokens, 1)
+
+
+def pass_at_k(n, c, k):
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+class Progress:
+    """A one-line progress report with rate and ETA, rewritten in place on a terminal."""
+
+    def __init__(self, total, label, enabled=True):
+        self.total, self.label, self.enabled, self.start = total, label, enabled, time.time()
+
+    def update(self, done, extra=""):
+        if not self.enabled:
+            return
+        elapsed = time.time() - self.start
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        line = (f"[{self.label}] {done}/{self.total} {100 * done / self.total:3.0f}% | "
+                f"{elapsed:5.0f}s elapsed, ETA {eta:4.0f}s{' | ' + extra if extra else ''}")
+        end = "\r" if sys.stderr.isatty() and done < self.total else "\n"
+        print(line, end=end, file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, max_new_tokens=2048, batch_size=64,
+             thinking=False, template=None, seed=None, show_progress=True):
+    """
+    Samples k answers per problem (student prompt) and grades them. batch_size counts sampled rows, so each
+    sampler call holds max(1, batch_size // k) problems. Returns a summary dict with per-problem results.
+    """
+    problems_per_call = max(1, batch_size // k)
+    progress = Progress(len(examples), "eval", show_progress)
+    results = []
+    for start in range(0, len(examples), problems_per_call):
+        batch = examples[start:start + problems_per_call]
+        prompts = [data.student_prompt(e, tokenizer, thinking, template) for e in batch]
+        rollouts = qwen3.generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                                  eos_ids=tokenizer.eos_ids, num_samples=k,
+                                  seed=None if seed is None else seed + start)
+        for i, example in enumerate(batch):
+            samples = rollouts[i * k:(i + 1) * k]
+            texts = [tokenizer.decode(s.tokens) for s in samples]
+            rewards = [data.reward(example, t) for t in texts]
+            results.append({"problem": example.problem, "answer": example.answer, "responses": texts,
+                            "rewards": rewards, "lengths": [len(s.tokens) for s in samples],
+                            "truncated": [not s.finished for s in samples]})
+        progress.update(len(results), f"Avg@{k} so far {summarize(results, k)['avg_at_k']:.3f}")
+    return summarize(results, k)
+
+
+def summarize(results, k):
+    correct = [sum(r >= 1.0 for r in result["rewards"]) for result in results]
+    lengths = [n for result in results for n in result["lengths"]]
+    texts = [t for result in results for t in result["responses"]]
+    n = max(len(results), 1)
+    return {
+        "n_problems": len(results), "k": k,
+        "avg_at_k": sum(sum(result["rewards"]) / k for result in results) / n,
+        "pass_at_1": sum(pass_at_k(k, c, 1) for c in correct) / n,
+        "pass_at_k": sum(pass_at_k(k, c, k) for c in correct) / n,
+        "mean_length": sum(lengths) / max(len(lengths), 1),
+        "truncation_rate": sum(t for result in results for t in result["truncated"]) / max(len(lengths), 1),
+        "uncertainty_per_1k": uncertainty_rate(texts, sum(lengths)),
+        "per_problem": results,
+    }
+
+
+def print_table(summary, file=sys.stdout):
+    rows = [(f"Avg@{summary['k']}", summary["avg_at_k"]), ("pass@1", summary["pass_at_1"]),
+            (f"pass@{summary['k']}", summary["pass_at_k"]), ("mean length (tokens)", summary["mean_length"]),
+            ("truncation rate", summary["truncation_rate"]),
+            ("uncertainty words / 1K tokens", summary["uncertainty_per_1k"])]
+    print(f"{'metric':<32}{'value':>10}   ({summary['n_problems']} problems)", file=file)
+    for name, value in rows:
+        print(f"{name:<32}{value:>10.4f}", file=file)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF Qwen3 checkpoint folder")
+    parser.add_argument("--lora", help="PEFT adapter folder to apply")
+    parser.add_argument("--data", required=True, help="JSONL, JSON or Parquet file")
+    parser.add_argument("--task", choices=("math", "tool"), default="math")
+    parser.add_argument("--problem_key", default="problem")
+    parser.add_argument("--answer_key", default="answer")
+    parser.add_argument("--solution_key", default="solution")
+    parser.add_argument("--k", type=int, default=12)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=2048)
+    parser.add_argument("--batch_size", type=int, default=96, help="sampled rows per sampler call")
+    parser.add_argument("--thinking", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="eval_out", help="folder for samples.jsonl and summary.json")
+    args = parser.parse_args(argv)
+
+    distributed = "RANK" in os.environ
+    rank, world = 0, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+
+    model = qwen3.load_qwen3(args.model, device=device)
+    if args.lora:
+        qwen3.load_lora(model, args.lora)
+    tokenizer = data.load_tokenizer(args.model)
+    if args.task == "math":
+        examples = data.load_examples(args.data, args.problem_key, args.solution_key, args.answer_key)
+    else:
+        examples = data.load_tool_examples(args.data)
+
+    mine = examples[rank::world]  # rank r takes problems r, r + world, ...
+    summary = evaluate(model, tokenizer, mine, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, thinking=args.thinking,
+                       seed=args.seed + 1000 * rank, show_progress=rank == 0)
+    results = summary["per_problem"]
+    if distributed:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = [None] * len(examples)
+        for r, part in enumerate(gathered):
+            results[r::world] = part
+    if rank == 0:
+        summary = summarize(results, args.k)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "samples.jsonl"), "w") as f:
+            for index, result in enumerate(results):
+                for sample, text in enumerate(result["responses"]):
+                    f.write(json.dumps({"problem_index": index, "sample": sample, "answer": result["answer"],
+                                        "response": text, "reward": result["rewards"][sample],
+                                        "length": result["lengths"][sample],
+                                        "truncated": result["truncated"][sample]}) + "\n")
+        json.dump({key: value for key, value in summary.items() if key != "per_problem"},
+                  open(os.path.join(args.out, "summary.json"), "w"), indent=2)
+        print_table(summary)
+        print(f"samples and summary written to {args.out}/")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (qwen3.CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")

@@ -27,10 +27,14 @@ UNCERTAINTY_WORDS = ("wait", "hmm", "perhaps", "maybe", "actually", "alternative
 UNCERTAINTY_PATTERN = re.compile(r"\b(" + "|".join(re.escape(w) for w in UNCERTAINTY_WORDS) + r")\b", re.I)
 
 
+def uncertainty_count(texts):
+    return sum(len(UNCERTAINTY_PATTERN.findall(t)) for t in texts)
+
+
 def uncertainty_rate(texts, n_tokens):
     """Uncertainty words ("wait", "hmm", "perhaps", ...) per 1K response tokens: the epistemic verbalization
     whose suppression goes with the reasoning losses of self-distillation (Kim et al., 2026)."""
-    return 1000 * sum(len(UNCERTAINTY_PATTERN.findall(t)) for t in texts) / max(n_tokens, 1)
+    return 1000 * uncertainty_count(texts) / max(n_tokens, 1)
 
 
 def pass_at_k(n, c, k):
@@ -59,17 +63,19 @@ class Progress:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, max_new_tokens=2048, batch_size=64,
-             thinking=False, template=None, seed=None, show_progress=True):
+             thinking=False, template=None, role="student", seed=None, show_progress=True):
     """
-    Samples k answers per problem (student prompt) and grades them. batch_size counts sampled rows, so each
-    sampler call holds max(1, batch_size // k) problems. Returns a summary dict with per-problem results.
+    Samples k answers per problem and grades them. batch_size counts sampled rows, so each sampler call holds
+    max(1, batch_size // k) problems. role "teacher" prompts with the reference solution (wrap the call in
+    adapters_off for the frozen teacher). Returns a summary dict with per-problem results.
     """
+    make_prompt = data.teacher_prompt if role == "teacher" else data.student_prompt
     problems_per_call = max(1, batch_size // k)
-    progress = Progress(len(examples), "eval", show_progress)
+    progress = Progress(len(examples), f"eval {role}", show_progress)
     results = []
     for start in range(0, len(examples), problems_per_call):
         batch = examples[start:start + problems_per_call]
-        prompts = [data.student_prompt(e, tokenizer, thinking, template) for e in batch]
+        prompts = [make_prompt(e, tokenizer, thinking, template) for e in batch]
         rollouts = qwen3.generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                                   eos_ids=tokenizer.eos_ids, num_samples=k,
                                   seed=None if seed is None else seed + start)
@@ -99,6 +105,23 @@ def summarize(results, k):
         "uncertainty_per_1k": uncertainty_rate(texts, sum(lengths)),
         "per_problem": results,
     }
+
+
+def evaluate_across_ranks(model, tokenizer, examples, **kwargs):
+    """evaluate() with the problems split across the torch.distributed ranks (rank r takes r, r + world, ...);
+    every rank returns the summary of all problems, in their original order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return evaluate(model, tokenizer, examples, **kwargs)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    kwargs["seed"] = None if kwargs.get("seed") is None else kwargs["seed"] + 1000 * rank
+    kwargs["show_progress"] = kwargs.get("show_progress", True) and rank == 0
+    results = evaluate(model, tokenizer, examples[rank::world], **kwargs)["per_problem"]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    ordered = [None] * len(examples)
+    for r, part in enumerate(gathered):
+        ordered[r::world] = part
+    return summarize(ordered, kwargs.get("k", 12))
 
 
 def print_table(summary, file=sys.stdout):
@@ -131,11 +154,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     distributed = "RANK" in os.environ
-    rank, world = 0, 1
+    rank = 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank = dist.get_rank()
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
@@ -149,19 +172,11 @@ def main(argv=None):
     else:
         examples = data.load_tool_examples(args.data)
 
-    mine = examples[rank::world]  # rank r takes problems r, r + world, ...
-    summary = evaluate(model, tokenizer, mine, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, thinking=args.thinking,
-                       seed=args.seed + 1000 * rank, show_progress=rank == 0)
+    summary = evaluate_across_ranks(model, tokenizer, examples, k=args.k, temperature=args.temperature,
+                                    top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                    batch_size=args.batch_size, thinking=args.thinking, seed=args.seed)
     results = summary["per_problem"]
-    if distributed:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        results = [None] * len(examples)
-        for r, part in enumerate(gathered):
-            results[r::world] = part
     if rank == 0:
-        summary = summarize(results, args.k)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "samples.jsonl"), "w") as f:
             for index, result in enumerate(results):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -169,6 +170,7 @@ class Qwen3(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.kv_cache = None  # list of (k, v) per layer while the sampler runs
+        self.gradient_checkpointing = False  # recompute each block in backward: activations of one block, not all
 
     @property
     def lm_head_weight(self):
@@ -198,7 +200,10 @@ class Qwen3(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if self.kv_cache is None else self.kv_cache[i], cache_index)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, None if self.kv_cache is None else self.kv_cache[i], cache_index)
         return self.norm(x)
 
 

@@ -17,6 +17,7 @@ import data
 import eval as E
 import kernels as K
 import model as M
+import pbsd
 
 torch.set_num_threads(2)
 K.compile_kernels = False  # eager everywhere but the one test that compiles
@@ -603,7 +604,7 @@ def tiny_with_tokenizer(tmp_path_factory):
     examples = data.synthetic_math(200, seed=0)
     texts = [data.teacher_prompt(e) + e.solution for e in examples]
     tokenizer = data.train_tokenizer(texts, 300, str(path))
-    make_checkpoint(path, vocab_size=tokenizer.tokenizer.get_vocab_size())
+    make_checkpoint(path, vocab_size=tokenizer.tokenizer.get_vocab_size(), max_position_embeddings=512)
     return str(path), tokenizer
 
 
@@ -633,6 +634,193 @@ def test_eval_command_line(tiny_with_tokenizer, tmp_path):
     assert "Avg@2" in result.stdout
     assert len(open(tmp_path / "out" / "samples.jsonl").readlines()) == 6
     assert json.load(open(tmp_path / "out" / "summary.json"))["n_problems"] == 3
+
+
+# ---- pbsd.py: the training loop
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _train_config(model_path, data_path, out_dir, **overrides):
+    fields = dict(model=model_path, data=data_path, out_dir=str(out_dir), steps=1, batch_size=2, micro_batch_size=2,
+                  max_new_tokens=6, lora_rank=4, lora_alpha=8, lr=1e-2, warmup_steps=1, dtype="float32",
+                  compile=False, eval_every=0, save_every=0, temperature=1.0)
+    fields.update(overrides)
+    return pbsd.Config(**fields)
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"problem": e.problem, "solution": e.solution, "answer": e.answer}) + "\n"
+                            for e in data.synthetic_math(16, seed=5)))
+    return str(path)
+
+
+def _lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("loss", ["pbsd", "opsd", "opsd_sampled", "sft"])
+def test_one_step_of_each_objective(tiny_with_tokenizer, train_file, tmp_path, loss):
+    path, _ = tiny_with_tokenizer
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, loss=loss, gradient_checkpointing=True))
+    with torch.no_grad():  # B = 0 leaves A without gradient; start from a non-zero B so both must move
+        for p in trainer.lora_params[1::2]:
+            p.normal_(std=0.01)
+    lora_before = _lora_state(trainer.model)
+    base_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    trainer.train()
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(metrics) == 1 and math.isfinite(metrics[0]["loss"])
+    if loss != "sft":
+        for key in ("student_reward", "student_length", "student_truncated", "student_entropy", "kl_estimate",
+                    "uncertainty_per_1k", "rollout_tokens_per_second", "generation_seconds", "train_seconds"):
+            assert key in metrics[0], key
+    if loss == "pbsd":
+        for key in ("teacher_reward", "teacher_length", "label", "margin"):
+            assert key in metrics[0], key
+    for name, p in trainer.model.named_parameters():
+        if "lora_" in name:
+            assert not torch.equal(p, lora_before[name]), name
+        else:
+            assert torch.equal(p, base_before[name]), name
+
+
+def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_file, tmp_path):
+    """The loop's teacher scoring (LoRA off, teacher prompt + response) against transformers' log-softmax."""
+    import transformers
+    path, tokenizer = tiny_with_tokenizer
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, temperature=0.8))
+    with torch.no_grad():
+        for p in trainer.lora_params:  # a student that differs from the teacher, so adapters_off must matter
+            p.normal_(std=0.1)
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = trainer.teacher_prompts[:3]
+    responses = [tokenizer.encode(e.solution) + trainer.end_of_turn for e in trainer.train_examples[:3]]
+    logp, _, rows, _ = trainer.score(prompts, responses, teacher=True)
+    expected = []
+    for prompt, response in zip(prompts, responses):
+        logits = hf(torch.tensor([prompt + response])).logits[0] / 0.8
+        positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+        expected.append(logits[positions].log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0])
+    assert (logp - torch.cat(expected)).abs().max() < 1e-4
+    assert rows.tolist() == [r for r, response in enumerate(responses) for _ in response]
+    student_logp, _, _, _ = trainer.score(prompts, responses, teacher=False)
+    assert (student_logp - logp).abs().max() > 1e-3
+
+
+def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path):
+    path, _ = tiny_with_tokenizer
+    straight = pbsd.Trainer(_train_config(path, train_file, tmp_path / "a", steps=4, save_every=2))
+    straight.train()
+    interrupted = pbsd.Trainer(_train_config(path, train_file, tmp_path / "b", steps=4, save_every=2))
+    interrupted.train(until_step=2)
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002"]
+    resumed = pbsd.Trainer(_train_config(path, train_file, tmp_path / "b", steps=4, save_every=2, resume=True))
+    resumed.train()
+    assert resumed.step == 4
+    expected, got = _lora_state(straight.model), _lora_state(resumed.model)
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002", "step_000004"]
+
+
+DDP_SCRIPT = """
+import json, os, sys, torch
+sys.path.insert(0, {repo!r})
+import pbsd, model
+config = pbsd.Config(**json.loads({config!r}))
+trainer = pbsd.Trainer(config)
+trainer.train()
+model.save_lora(trainer.model, os.path.join(config.out_dir, "rank%d" % trainer.rank))
+"""
+
+
+def test_ddp_two_ranks_match_one_process(tiny_with_tokenizer, train_file, tmp_path):
+    import subprocess
+    from dataclasses import asdict
+    from safetensors.torch import load_file
+    path, _ = tiny_with_tokenizer
+    config = _train_config(path, train_file, tmp_path / "ddp", steps=2, batch_size=4, micro_batch_size=2)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(repo=REPO, config=json.dumps(asdict(config))))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                             str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "ddp" / f"rank{r}" / "adapter_model.safetensors")) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+    single = pbsd.Trainer(_train_config(path, train_file, tmp_path / "single", steps=2, batch_size=4,
+                                        micro_batch_size=2))
+    single.train()  # one process, two micro-batches of gradient accumulation over the same global batch
+    M.save_lora(single.model, tmp_path / "single" / "adapter")
+    alone = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    for key in alone:
+        assert torch.allclose(alone[key], rank0[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_export_merged_loads_in_transformers(tiny_with_tokenizer, train_file, tmp_path):
+    import transformers
+    path, _ = tiny_with_tokenizer
+    merged = tmp_path / "merged"
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, steps=1, save_every=1, export_merged=str(merged)))
+    trainer.train()
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    ours = M.load_lora(M.load_qwen3(path, dtype=torch.float32), str(tmp_path / "checkpoints" / "step_000001"))
+    ids = torch.randint(0, 100, (2, 12))
+    assert (hf(ids).logits - ours.logits(ours(ids))).abs().max() < 1e-4
+    assert os.path.exists(merged / "tokenizer.json")
+
+
+def test_config_parsing():
+    config = pbsd.parse_args(["--model=/m", "--steps=7", "--beta=0.25", "--resume", "--loss=opsd"])
+    assert (config.steps, config.beta, config.resume, config.loss, config.lora_rank) == (7, 0.25, True, "opsd", 64)
+    assert pbsd.parse_args([]).out_dir == "out/toy"  # no --model: the toy world's defaults
+    with pytest.raises(pbsd.ConfigError, match="unknown config key '--stepz=3'; valid keys: --model, --data"):
+        pbsd.parse_args(["--stepz=3"])
+    with pytest.raises(pbsd.ConfigError, match="--steps expects int, got 'many'"):
+        pbsd.parse_args(["--steps=many"])
+    with pytest.raises(pbsd.ConfigError, match="--loss must be one of pbsd, opsd, opsd_sampled, sft"):
+        pbsd.parse_args(["--loss=dpo"])
+
+
+def _run_pbsd(*args):
+    import subprocess
+    return subprocess.run([sys.executable, "pbsd.py", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def test_bad_input_from_the_command_line(tiny_with_tokenizer, tmp_path):
+    path, _ = tiny_with_tokenizer
+    result = _run_pbsd(f"--model={tmp_path / 'nope'}", "--data=x.jsonl")
+    assert result.returncode != 0 and "checkpoint folder does not exist" in result.stderr
+    result = _run_pbsd("--model=x", "--learning_rate=1")
+    assert result.returncode != 0 and "unknown config key '--learning_rate=1'; valid keys:" in result.stderr
+    no_solution = _write(tmp_path / "no_solution.jsonl", json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    result = _run_pbsd(f"--model={path}", f"--data={no_solution}", f"--out_dir={tmp_path}", "--dtype=float32")
+    assert result.returncode != 0 and "row 1 has no 'solution'" in result.stderr
+    long_problem = _write(tmp_path / "long.jsonl", json.dumps({"problem": "Ava has 3 pens. " * 100, "solution": "\\boxed{3}"}))
+    result = _run_pbsd(f"--model={path}", f"--data={long_problem}", f"--out_dir={tmp_path}", "--dtype=float32")
+    assert result.returncode != 0 and "row 1: the student prompt has" in result.stderr
+    assert "exceeds the model's context of 512" in result.stderr
+
+
+def test_toy_world_shortened(tmp_path):
+    """The default run, cut to a few steps: builds and caches the toy checkpoint, trains, evaluates, plots."""
+    args = [f"--out_dir={tmp_path}", "--toy_warm_start_steps=4", "--steps=2", "--eval_every=1", "--eval_problems=4",
+            "--eval_k=2", "--save_every=2"]
+    result = _run_pbsd(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "student Avg@2" in result.stdout and "frozen teacher Avg@2" in result.stdout
+    base = tmp_path / "toy_base"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train.jsonl", "held_out.jsonl"):
+        assert (base / name).exists(), name
+    assert (tmp_path / "learning_curve.png").stat().st_size > 10_000
+    assert (tmp_path / "checkpoints" / "step_000002" / "adapter_model.safetensors").exists()
+    import transformers
+    transformers.Qwen3ForCausalLM.from_pretrained(str(base))  # the toy checkpoint is a real HF folder
+    again = _run_pbsd(*args)
+    assert again.returncode == 0 and "building the toy world" not in again.stderr  # the warm start is cached
 
 
 if __name__ == "__main__":

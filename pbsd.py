@@ -1,0 +1,721 @@
+"""
+Preference-Based Self-Distillation (PBSD) for Qwen3, with the OPSD and SFT baselines in the same loop.
+
+    python pbsd.py                                    # the toy world: runs end to end on a laptop CPU
+    python pbsd.py --model=DIR --data=train.jsonl     # a real checkpoint, one process
+    torchrun --nproc_per_node 8 pbsd.py --model=/path/Qwen3-8B --data=train.jsonl --eval_data=aime24.jsonl
+
+One model, two roles. The student pi_theta(y | x) is the base weights plus LoRA and sees the problem x; the
+teacher pi_T(y | x, c) is the same weights with the LoRA off (frozen at the start) and also sees a reference
+solution c. PBSD maximises J(pi) = E_x[E_{y~pi} r(x, y) - beta KL(pi || pi_T)], whose maximiser is the teacher
+reweighted by its reward, pi*(y|x) = pi_T(y|x,c) exp(r(x,y) / beta) / Z(x), which scores beta E log Z >= E_{pi_T} r
+(Jensen). Writing r = beta log pi*/pi_T + beta log Z turns J into a preference problem between a teacher sample
+y+ and an on-policy student sample y-, solved with the logistic loss of kernels.pbsd_loss.
+
+Every --key=value overrides a field of Config (below); `python pbsd.py --help` lists them.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+import data
+import eval as evaluation
+import kernels
+import model as qwen3
+
+
+@dataclass
+class Config:
+    # model and data; no --model means the built-in toy world (TOY_WORLD below)
+    model: str = ""  # HF Qwen3 checkpoint folder (config.json, safetensors, tokenizer.json)
+    data: str = ""  # training set: JSONL, JSON or Parquet with problem, solution (and answer) fields
+    eval_data: str = ""  # held-out set for periodic Avg@k; empty: no periodic evaluation
+    task: str = "math"  # math | tool (ToolAlpaca-style rows)
+    problem_key: str = "problem"
+    solution_key: str = "solution"
+    answer_key: str = "answer"
+    out_dir: str = "out"
+    # the objective
+    loss: str = "pbsd"  # pbsd | opsd | opsd_sampled | sft
+    pbsd_label: str = "reward"  # reward: z = sigmoid(r+ - r-); teacher: z = 1
+    beta: float = 0.1  # PBSD KL weight: the target is pi_T exp(r / beta)
+    n_teacher: int = 1  # teacher samples per prompt (PBSD); pairs = n_teacher x n_student
+    n_student: int = 1  # student rollouts per prompt
+    length_norm: bool = False  # PBSD: divide each sequence's log-ratio by its token count
+    beta_jsd: float = 0.5  # OPSD: 0 forward KL(teacher || student), 1 reverse KL(student || teacher)
+    jsd_token_clip: float = 0.0  # OPSD: clip each token's divergence at this value (0: off)
+    # sampling; every log-prob uses the same temperature
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    thinking: bool = False  # Qwen3 thinking mode, the same for student and teacher
+    student_template: str = ""  # replaces the task's default (data.TEMPLATES); must contain {problem}
+    teacher_template: str = ""  # must contain {problem} and {solution}
+    # LoRA (the published OPSD protocol: r 64, alpha 128, all seven projections)
+    lora_rank: int = 64
+    lora_alpha: int = 128
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # optimisation: AdamW, warm-up then cosine decay, gradient clipping
+    steps: int = 200
+    batch_size: int = 32  # prompts per optimizer step, over all ranks
+    micro_batch_size: int = 4  # prompts per forward pass on one rank; the rest is gradient accumulation
+    lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"  # base weights; the LoRA parameters are always fp32
+    gradient_checkpointing: bool = True
+    compile: bool = True  # torch.compile the sampler's decode step and the loss kernels (on CUDA)
+    # evaluation, logging, checkpoints
+    eval_every: int = 50
+    eval_k: int = 12  # Avg@12 at temperature 1.0, as published
+    eval_problems: int = 0  # evaluate on the first N held-out problems (0: all)
+    eval_max_new_tokens: int = 0  # 0: max_new_tokens
+    save_every: int = 50
+    keep_last: int = 3
+    resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
+    export_merged: str = ""  # at the end, write a merged HF checkpoint here
+    seed: int = 0
+    toy_warm_start_steps: int = 800  # the toy world only: SFT steps that make its starting checkpoint
+
+
+# The toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
+# built-in arithmetic word problems, warm-started by SFT on student and teacher prompts so that the student
+# is mediocre and the teacher (which reads the worked solution) is good; then PBSD through the same loop.
+TOY_WORLD = dict(out_dir="out/toy", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=150,
+                 batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=5, dtype="float32",
+                 gradient_checkpointing=False, compile=False, eval_every=25, eval_k=4, eval_problems=200,
+                 save_every=50, keep_last=2, toy_warm_start_steps=800,
+                 # short prompts keep a 4-layer model's sequences short; the real templates are data.TEMPLATES
+                 student_template="{problem}\nPut the final answer in \\boxed{}.",
+                 teacher_template="{problem}\nReference solution:\n{solution}\n"
+                                  "Solve it in your own words and put the final answer in \\boxed{}.")
+TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=512,
+                 tie_word_embeddings=True)
+TOY_TRAIN, TOY_HELD_OUT = 4000, 200  # problems (seeds 1 and 2 of data.synthetic_math)
+TOY_TASK = dict(steps=(1, 2), max_value=20)
+TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def parse_args(argv):
+    """--key=value overrides, type-checked against Config; without --model the toy-world defaults apply."""
+    types = {f.name: f.type for f in fields(Config)}
+    overrides = {}
+    for arg in argv:
+        key, has_value, value = arg[2:].partition("=") if arg.startswith("--") else (arg, False, "")
+        key = key.replace("-", "_")
+        if key not in types:
+            raise ConfigError(f"unknown config key {arg!r}; valid keys: {', '.join('--' + k for k in types)}")
+        if not has_value and types[key] is not bool:
+            raise ConfigError(f"--{key} needs a value: --{key}=...")
+        overrides[key] = value if has_value else "true"
+    config = Config(**({} if "model" in overrides else TOY_WORLD))
+    for key, value in overrides.items():
+        setattr(config, key, _convert(key, value, types[key]))
+    _validate(config)
+    return config
+
+
+def _convert(key, value, kind):
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes")
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}") from None
+
+
+def _validate(config):
+    choices = {"loss": ("pbsd", "opsd", "opsd_sampled", "sft"), "pbsd_label": ("reward", "teacher"),
+               "task": ("math", "tool"), "dtype": ("bfloat16", "float32")}
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
+    if not 0 <= config.beta_jsd <= 1:
+        raise ConfigError(f"--beta_jsd must lie in [0, 1], got {config.beta_jsd}")
+    if config.beta <= 0:
+        raise ConfigError(f"--beta must be positive, got {config.beta}")
+    if config.batch_size % config.micro_batch_size:
+        raise ConfigError(f"--batch_size={config.batch_size} is not a multiple of "
+                          f"--micro_batch_size={config.micro_batch_size}")
+
+
+# ---- the toy world's checkpoint
+
+
+def build_toy_world(config):
+    """
+    Writes out_dir/toy_base: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
+    warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the
+    loop then reads like any data set. A second run finds the folder and skips the work. Returns its path.
+    """
+    path = os.path.join(config.out_dir, "toy_base")
+    if os.path.exists(os.path.join(path, "warm_start.json")):
+        return path
+    print(f"[toy] building the toy world in {path} (cached for the next run)", file=sys.stderr)
+    start = time.time()
+    held_out = data.synthetic_math(TOY_HELD_OUT, seed=2, **TOY_TASK)
+    seen = {e.problem for e in held_out}
+    train = [e for e in data.synthetic_math(TOY_TRAIN, seed=1, **TOY_TASK) if e.problem not in seen]
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, examples in (("train.jsonl", train), ("held_out.jsonl", held_out)):
+        with open(os.path.join(tmp, name), "w") as f:
+            f.writelines(json.dumps({"problem": e.problem, "solution": e.solution, "answer": e.answer}) + "\n"
+                         for e in examples)
+    student_template, teacher_template = config.student_template or None, config.teacher_template or None
+    texts = [data.teacher_prompt(e, template=teacher_template) + e.solution + data.IM_END for e in train[:1000]]
+    tokenizer = data.train_tokenizer(texts, TOY_WARM_START["vocab_size"], tmp)
+    torch.manual_seed(config.seed)
+    model = qwen3.Qwen3(qwen3.Qwen3Config(vocab_size=tokenizer.tokenizer.get_vocab_size(), **TOY_MODEL))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.02)
+
+    # SFT on a 50/50 mix of student and teacher prompts, each followed by the worked solution
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_WARM_START["lr"], weight_decay=0.0)
+    steps, batch_size = config.toy_warm_start_steps, TOY_WARM_START["batch_size"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    progress = evaluation.Progress(steps, "toy warm start")
+    rng = random.Random(config.seed)
+    end_of_turn = tokenizer.encode(data.IM_END)
+    for step in range(steps):
+        batch = rng.sample(train, batch_size)
+        prompts = [data.teacher_prompt(e, tokenizer, template=teacher_template) if i % 2 else
+                   data.student_prompt(e, tokenizer, template=student_template) for i, e in enumerate(batch)]
+        responses = [tokenizer.encode(e.solution) + end_of_turn for e in batch]
+        hidden, targets, _ = response_hidden(model, prompts, responses)
+        loss = -kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 49 or step == steps - 1:
+            progress.update(step + 1, f"sft loss {loss.item():.3f}")
+
+    model.requires_grad_(False)
+    qwen3.save_qwen3(model, tmp)
+    json.dump({"eos_token_id": list(tokenizer.eos_ids)}, open(os.path.join(tmp, "generation_config.json"), "w"))
+    json.dump({**TOY_WARM_START, "steps": steps, "seconds": round(time.time() - start, 1)},
+              open(os.path.join(tmp, "warm_start.json"), "w"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+# ---- scoring: teacher and student on the same response tokens
+
+
+def response_hidden(model, prompts, responses):
+    """
+    Runs each prompt + response (right-padded, so the response follows its prompt with no gap) and returns the
+    final hidden states at the positions that predict response tokens (N, D), those tokens (N,), and the row
+    each belongs to (N,). Token j of a response is predicted at position len(prompt) - 1 + j.
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(lengths)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    positions, targets, rows = [], [], []
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, :lengths[row]] = torch.tensor(prompt + response)
+        positions.extend(range(row * width + len(prompt) - 1, row * width + lengths[row] - 1))
+        targets.extend(response)
+        rows.extend([row] * len(response))
+    device = model.embed_tokens.weight.device
+    hidden = model(input_ids.to(device))  # (B, L, D); causal, so right padding never reaches a real token
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    return hidden.flatten(0, 1)[as_tensor(positions)], as_tensor(targets), as_tensor(rows)
+
+
+def sequence_sums(token_values, rows, n_rows):
+    return torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add_(0, rows, token_values)
+
+
+def rollout_seed(seed, step, micro_batch, is_teacher):
+    # a function of the global micro-batch, not the rank: 2 ranks x 1 micro-batch sample what 1 rank x 2 does
+    return ((seed * 1_000_003 + step) * 1_009 + micro_batch) * 2 + int(is_teacher)
+
+
+class Trainer:
+    def __init__(self, config):
+        self.config = config
+        self.rank, self.world, self.device = setup_distributed()
+        if config.batch_size % (config.micro_batch_size * self.world):
+            raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of --micro_batch_size x ranks "
+                              f"= {config.micro_batch_size} x {self.world}")
+        self.accumulation = config.batch_size // (config.micro_batch_size * self.world)
+        kernels.compile_kernels = config.compile and self.device.type == "cuda"
+
+        self.model = qwen3.load_qwen3(config.model, self.device, getattr(torch, config.dtype))
+        self.model.gradient_checkpointing = config.gradient_checkpointing
+        torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
+        self.lora_params = qwen3.apply_lora(self.model, config.lora_rank, config.lora_alpha,
+                                            tuple(config.lora_targets.split(",")))
+        self.optimizer = torch.optim.AdamW(self.lora_params, lr=config.lr, weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_scale)
+        self.tokenizer = data.load_tokenizer(config.model)
+        self.end_of_turn = self.tokenizer.encode(data.IM_END)
+        self.train_examples, self.eval_examples = self.load_data()
+        self.student_prompts = [self.prompt(e, "student") for e in self.train_examples]
+        self.teacher_prompts = ([self.prompt(e, "teacher") for e in self.train_examples]
+                                if config.loss != "sft" else None)
+        self.check_lengths()
+        self.step = 0
+        self.history = []  # evaluation results, for the learning curve
+
+    # -- set-up
+
+    def lr_scale(self, step):
+        config = self.config
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def load_data(self):
+        config = self.config
+        if not config.data:
+            raise ConfigError("--data is required with --model (a JSONL, JSON or Parquet training set)")
+        load = (data.load_tool_examples if config.task == "tool" else
+                lambda path: data.load_examples(path, config.problem_key, config.solution_key, config.answer_key))
+        train = load(config.data)
+        if config.loss != "sft":
+            for i, example in enumerate(train, start=1):
+                if not example.solution:
+                    raise data.DataError(f"{config.data}: row {i} has no {config.solution_key!r}: the teacher "
+                                         f"(and SFT) need a reference solution")
+        held_out = load(config.eval_data) if config.eval_data else []
+        return train, held_out[:config.eval_problems or None]
+
+    def prompt(self, example, role):
+        config = self.config
+        template = config.teacher_template if role == "teacher" else config.student_template
+        make = data.teacher_prompt if role == "teacher" else data.student_prompt
+        return make(example, self.tokenizer, config.thinking, template or None)
+
+    def check_lengths(self):
+        context = self.model.config.max_position_embeddings
+        new_tokens = self.config.max_new_tokens
+        for role, prompts in (("student", self.student_prompts), ("teacher", self.teacher_prompts or [])):
+            for i, prompt in enumerate(prompts, start=1):
+                if len(prompt) + new_tokens > context:
+                    raise data.DataError(f"{self.config.data or 'toy data'}: row {i}: the {role} prompt has "
+                                         f"{len(prompt)} tokens; with --max_new_tokens={new_tokens} it exceeds "
+                                         f"the model's context of {context}")
+
+    # -- data order: a fresh permutation each epoch, a pure function of (seed, step) so resume is exact
+
+    @lru_cache(maxsize=4)
+    def epoch_order(self, epoch):
+        order = list(range(len(self.train_examples)))
+        random.Random(self.config.seed * 7919 + epoch).shuffle(order)
+        return order
+
+    def micro_batches(self, step):
+        """This rank's micro-batches of example indices, with their global micro-batch numbers."""
+        config, n = self.config, len(self.train_examples)
+        start = step * config.batch_size
+        indices = [self.epoch_order(p // n)[p % n] for p in range(start, start + config.batch_size)]
+        for micro in range(self.accumulation):
+            global_micro = self.rank * self.accumulation + micro
+            yield global_micro, indices[global_micro * config.micro_batch_size:
+                                        (global_micro + 1) * config.micro_batch_size]
+
+    # -- one micro-batch: rollouts, rewards, scoring, loss, backward
+
+    def rollouts(self, prompts, n, seed, teacher):
+        config = self.config
+        with qwen3.adapters_off(self.model) if teacher else nullcontext():
+            return qwen3.generate(self.model, prompts, config.max_new_tokens, temperature=config.temperature,
+                                  top_p=config.top_p, eos_ids=self.tokenizer.eos_ids, seed=seed,
+                                  num_samples=n, compile=config.compile)
+
+    def score(self, prompts, responses, teacher):
+        """
+        Per-token log-probs and entropies of the responses after the prompts (N,), each token's row (N,), and the
+        hidden states (N, D): the student with gradient, or the teacher (LoRA off) without.
+        """
+        with torch.no_grad() if teacher else nullcontext(), qwen3.adapters_off(self.model) if teacher else nullcontext():
+            hidden, targets, rows = response_hidden(self.model, prompts, responses)
+            logp, entropy = kernels.token_logprobs(hidden, self.model.lm_head_weight, targets,
+                                                   temperature=self.config.temperature, with_entropy=True)
+        return logp, entropy, rows, hidden
+
+    def micro_step(self, step, global_micro, indices, stats):
+        config, examples = self.config, [self.train_examples[i] for i in indices]
+        timer = time.time()
+        if config.loss == "sft":
+            prompts = [self.student_prompts[i] for i in indices]
+            responses = [self.tokenizer.encode(e.solution) + self.end_of_turn for e in examples]
+            logp, _, _, _ = self.score(prompts, responses, teacher=False)
+            loss = -logp.mean()
+            stats.add("response_length", [len(r) for r in responses])
+            stats.add("train_seconds", [time.time() - timer])
+            (loss / self.accumulation).backward()
+            return loss.item()
+
+        student_rollouts = self.rollouts([self.student_prompts[i] for i in indices], config.n_student,
+                                         rollout_seed(config.seed, step, global_micro, False), teacher=False)
+        texts = [self.tokenizer.decode(r.tokens) for r in student_rollouts]
+        student_examples = [e for e in examples for _ in range(config.n_student)]
+        student_rewards = [data.reward(e, text) for e, text in zip(student_examples, texts)]
+        stats.add("student_reward", student_rewards)
+        stats.add("student_length", [len(r.tokens) for r in student_rollouts])
+        stats.add("student_truncated", [not r.finished for r in student_rollouts])
+        stats.add_ratio("uncertainty_per_1k", evaluation.uncertainty_count(texts),
+                        sum(len(r.tokens) for r in student_rollouts) / 1000)
+        responses = [r.tokens for r in student_rollouts]
+        student_prompts = [self.student_prompts[i] for i in indices for _ in range(config.n_student)]
+        teacher_prompts = [self.teacher_prompts[i] for i in indices for _ in range(config.n_student)]
+        if config.loss == "pbsd":
+            teacher_rollouts = self.rollouts([self.teacher_prompts[i] for i in indices], config.n_teacher,
+                                             rollout_seed(config.seed, step, global_micro, True), teacher=True)
+            teacher_examples = [e for e in examples for _ in range(config.n_teacher)]
+            teacher_rewards = [data.reward(e, self.tokenizer.decode(r.tokens))
+                               for e, r in zip(teacher_examples, teacher_rollouts)]
+            stats.add("teacher_reward", teacher_rewards)
+            stats.add("teacher_length", [len(r.tokens) for r in teacher_rollouts])
+            stats.add("teacher_truncated", [not r.finished for r in teacher_rollouts])
+            # score the teacher samples too, both models, each with its own prompt
+            responses = responses + [r.tokens for r in teacher_rollouts]
+            student_prompts += [self.student_prompts[i] for i in indices for _ in range(config.n_teacher)]
+            teacher_prompts += [self.teacher_prompts[i] for i in indices for _ in range(config.n_teacher)]
+        generation_seconds = time.time() - timer
+        stats.add("generation_seconds", [generation_seconds])
+        stats.add("rollout_tokens", [sum(len(r) for r in responses)])
+        timer = time.time()
+
+        student_logp, entropy, rows, student_hidden = self.score(student_prompts, responses, teacher=False)
+        teacher_logp, _, _, teacher_hidden = self.score(teacher_prompts, responses, teacher=True)
+        on_student = rows < len(student_rollouts)  # tokens of the student's own rollouts
+        stats.add_ratio("student_entropy", entropy[on_student].sum().item(), on_student.sum().item())
+        # k1 estimate of KL(student || teacher) per token along the student's rollouts
+        stats.add_ratio("kl_estimate", (student_logp - teacher_logp)[on_student].sum().item(), on_student.sum().item())
+
+        if config.loss == "pbsd":
+            n_rows = len(responses)
+            student_sums, teacher_sums = sequence_sums(student_logp, rows, n_rows), sequence_sums(teacher_logp, rows, n_rows)
+            if config.length_norm:
+                lengths = torch.tensor([len(r) for r in responses], dtype=student_sums.dtype, device=rows.device)
+                student_sums, teacher_sums = student_sums / lengths, teacher_sums / lengths
+            rewards = torch.tensor(student_rewards + teacher_rewards, dtype=student_sums.dtype, device=rows.device)
+            # pairs: for each prompt, every teacher sample (y+) against every student sample (y-)
+            n_prompts, plus, minus = len(indices), [], []
+            for p in range(n_prompts):
+                for t in range(config.n_teacher):
+                    for s in range(config.n_student):
+                        plus.append(len(student_rollouts) + p * config.n_teacher + t)
+                        minus.append(p * config.n_student + s)
+            plus, minus = (torch.tensor(x, device=rows.device) for x in (plus, minus))
+            pair_loss, margin, label = kernels.pbsd_loss(student_sums[plus], teacher_sums[plus], student_sums[minus],
+                                                         teacher_sums[minus], rewards[plus], rewards[minus],
+                                                         beta=config.beta, label=config.pbsd_label)
+            loss = pair_loss.mean()
+            stats.add("margin", margin.tolist())
+            stats.add("label", label.tolist())
+        elif config.loss == "opsd":
+            divergence = kernels.gjs_divergence(student_hidden, teacher_hidden, self.model.lm_head_weight,
+                                                beta=config.beta_jsd, temperature=config.temperature)
+            if config.jsd_token_clip > 0:
+                divergence = divergence.clamp(max=config.jsd_token_clip)
+            loss = divergence.mean()
+        else:  # opsd_sampled: the sampled-token advantage log p_T(y_t) - log p_S(y_t), a reverse-KL policy gradient
+            advantage = (teacher_logp - student_logp).detach()
+            loss = -(advantage * student_logp).mean()
+        (loss / self.accumulation).backward()
+        stats.add("train_seconds", [time.time() - timer])
+        return loss.item()
+
+    # -- the optimizer step, with gradients averaged over ranks
+
+    def optimizer_step(self):
+        if self.world > 1:
+            flat = torch.cat([p.grad.flatten() for p in self.lora_params])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for p in self.lora_params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.config.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item()
+
+    def train(self, until_step=None):
+        """Trains to config.steps (or stops after until_step, as if interrupted)."""
+        config = self.config
+        if config.resume:
+            self.load_checkpoint()
+        self.log_config()
+        if self.step == 0 and self.eval_examples:
+            self.evaluate()
+        last_step = min(config.steps, until_step or config.steps)
+        first_step = self.step
+        progress = evaluation.Progress(last_step - first_step, config.loss, enabled=self.rank == 0)
+        while self.step < last_step:
+            self.model.train()
+            stats, losses = Stats(), []
+            for global_micro, indices in self.micro_batches(self.step):
+                losses.append(self.micro_step(self.step, global_micro, indices, stats))
+            loss = sum(losses) / len(losses)
+            grad_norm = self.optimizer_step() if math.isfinite(loss) else float("nan")
+            metrics = stats.reduce(self.world, self.device)
+            metrics["loss"] = self.all_mean(loss)
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+                raise TrainingError(f"step {self.step + 1}: the loss is {metrics['loss']} (grad norm {grad_norm}); "
+                                    f"stopping. The last good checkpoint is {self.latest_checkpoint()}")
+            self.step += 1
+            metrics.update(step=self.step, lr=self.schedule.get_last_lr()[0], grad_norm=grad_norm)
+            if "rollout_tokens" in metrics:
+                metrics["rollout_tokens_per_second"] = metrics["rollout_tokens"] / max(metrics["generation_seconds"], 1e-9)
+            self.log(metrics)
+            if self.rank == 0:
+                progress.update(self.step - first_step, self.summary_line(metrics))
+            if config.eval_every and self.step % config.eval_every == 0 and self.eval_examples:
+                self.evaluate()
+            if config.save_every and (self.step % config.save_every == 0 or self.step == config.steps):
+                self.save_checkpoint()
+        if self.step == config.steps and self.eval_examples and config.eval_every and self.step % config.eval_every:
+            self.evaluate()
+        if self.step == config.steps and config.export_merged and self.rank == 0:
+            self.export_merged()
+        return self.history
+
+    def summary_line(self, m):
+        parts = [f"loss {m['loss']:.4f}"]
+        if "student_reward" in m:
+            parts.append(f"r_student {m['student_reward']:.2f}")
+        if "teacher_reward" in m:
+            parts.append(f"r_teacher {m['teacher_reward']:.2f} margin {m['margin']:+.2f}")
+        if "student_length" in m:
+            parts.append(f"len {m['student_length']:.0f}")
+        if "generation_seconds" in m:
+            parts.append(f"gen {m['generation_seconds']:.1f}s train {m['train_seconds']:.1f}s")
+        return " ".join(parts)
+
+    def all_mean(self, value):
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world
+
+    # -- evaluation, logging
+
+    def evaluate(self):
+        config = self.config
+        kwargs = dict(k=config.eval_k, temperature=config.temperature, top_p=config.top_p,
+                      max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
+                      batch_size=max(config.micro_batch_size * config.eval_k, config.eval_k), thinking=config.thinking,
+                      seed=config.seed + 12345, show_progress=False)
+        self.model.eval()
+        student = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
+                                                   template=config.student_template or None, **kwargs)
+        result = {"step": self.step, **{f"eval_{k}": v for k, v in student.items() if k != "per_problem"}}
+        if not self.history and all(e.solution for e in self.eval_examples):  # the frozen teacher, once
+            with qwen3.adapters_off(self.model):
+                teacher = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
+                                                           role="teacher", template=config.teacher_template or None,
+                                                           **kwargs)
+            result.update({f"teacher_{k}": v for k, v in teacher.items() if k != "per_problem"})
+        self.history.append(result)
+        self.log(result)
+        if self.rank == 0:
+            print(f"[eval] step {self.step}: student Avg@{config.eval_k} {student['avg_at_k']:.3f}, "
+                  f"pass@{config.eval_k} {student['pass_at_k']:.3f}, length {student['mean_length']:.1f}",
+                  file=sys.stderr)
+            plot_learning_curve(self.history, os.path.join(config.out_dir, "learning_curve.png"),
+                                os.path.join(config.out_dir, "metrics.jsonl"))
+
+    def log_config(self):
+        if self.rank == 0:
+            os.makedirs(self.config.out_dir, exist_ok=True)
+            json.dump(asdict(self.config), open(os.path.join(self.config.out_dir, "config.json"), "w"), indent=2)
+
+    def log(self, record):
+        if self.rank == 0:
+            with open(os.path.join(self.config.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints: the adapter in PEFT format plus everything needed to continue exactly
+
+    def checkpoint_dir(self):
+        return os.path.join(self.config.out_dir, "checkpoints")
+
+    def latest_checkpoint(self):
+        folder = self.checkpoint_dir()
+        names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and not n.endswith(".tmp")) \
+            if os.path.isdir(folder) else []
+        return os.path.join(folder, names[-1]) if names else None
+
+    def save_checkpoint(self):
+        if self.rank != 0:
+            return
+        final = os.path.join(self.checkpoint_dir(), f"step_{self.step:06d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        qwen3.save_lora(self.model, tmp, base_model_name_or_path=os.path.abspath(self.config.model))
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "history": self.history, "config": asdict(self.config)},
+                   os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a crash before this line leaves only a .tmp folder, which resume ignores
+        kept = sorted(n for n in os.listdir(self.checkpoint_dir()) if n.startswith("step_") and not n.endswith(".tmp"))
+        for name in kept[:-self.config.keep_last]:
+            shutil.rmtree(os.path.join(self.checkpoint_dir(), name))
+
+    def load_checkpoint(self):
+        path = self.latest_checkpoint()
+        if path is None:
+            if self.rank == 0:
+                print(f"[resume] no checkpoint in {self.checkpoint_dir()}, starting from step 0", file=sys.stderr)
+            return
+        qwen3.load_lora(self.model, path)
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.history = state["step"], state["history"]
+        if self.rank == 0:
+            print(f"[resume] continuing from {path} (step {self.step})", file=sys.stderr)
+
+    def export_merged(self):
+        path = self.config.export_merged
+        qwen3.merge_lora(self.model)
+        qwen3.save_qwen3(self.model, path)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json", "merges.txt"):
+            source = os.path.join(self.config.model, name)
+            if os.path.exists(source):
+                shutil.copy(source, os.path.join(path, name))
+        print(f"[export] merged checkpoint written to {path}", file=sys.stderr)
+
+
+class Stats:
+    """Sums and counts per metric for one step, reduced over ranks in one collective."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, name, values):
+        self.add_ratio(name, float(sum(values)), len(values))
+
+    def add_ratio(self, name, total, count):
+        self.sums[name] = self.sums.get(name, 0.0) + total
+        self.counts[name] = self.counts.get(name, 0) + count
+
+    def reduce(self, world, device):
+        names = sorted(self.sums)
+        totals = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(totals)
+        per_step = ("generation_seconds", "train_seconds", "rollout_tokens")  # totals over the step, mean over ranks
+        return {n: (s / world if n in per_step else s / max(c, 1e-9)) for n, (s, c) in zip(names, totals.tolist())}
+
+
+def setup_distributed():
+    """(rank, world size, device); under torchrun one process per GPU with NCCL, or gloo on CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def plot_learning_curve(history, png_path, metrics_path):
+    """Held-out Avg@k against step, with the training rewards (from metrics.jsonl) beside it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    train = [r for r in rows if "student_reward" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([h["step"] for h in history], [h["eval_avg_at_k"] for h in history], "o-", label="student (held out)")
+    if "teacher_avg_at_k" in history[0]:
+        left.axhline(history[0]["teacher_avg_at_k"], color="gray", ls="--", label="frozen teacher (with solution)")
+    left.set(xlabel="step", ylabel=f"Avg@{history[0]['eval_k']}", title="held-out accuracy", ylim=(0, 1.02))
+    left.legend()
+    if train:
+        smooth = lambda xs: [sum(xs[max(0, i - 9):i + 1]) / len(xs[max(0, i - 9):i + 1]) for i in range(len(xs))]
+        steps = [r["step"] for r in train]
+        right.plot(steps, smooth([r["student_reward"] for r in train]), label="student rollouts")
+        if "teacher_reward" in train[0]:
+            right.plot(steps, smooth([r["teacher_reward"] for r in train]), label="teacher rollouts")
+        right.set(xlabel="step", ylabel="reward (10-step mean)", title="training rewards", ylim=(0, 1.02))
+        right.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def print_toy_table(history, config, seconds):
+    before, after = history[0], history[-1]
+    k = config.eval_k
+    rows = [(f"student Avg@{k}", "eval_avg_at_k"), (f"student pass@{k}", "eval_pass_at_k"),
+            ("response length (tokens)", "eval_mean_length"), ("uncertainty words / 1K tokens", "eval_uncertainty_per_1k")]
+    print(f"\nPBSD (label {config.pbsd_label}, beta {config.beta}) on {before['eval_n_problems']} held-out problems, "
+          f"{config.steps} steps, {seconds:.0f} s")
+    print(f"{'':<32}{'before':>10}{'after':>10}")
+    for name, key in rows:
+        print(f"{name:<32}{before[key]:>10.3f}{after[key]:>10.3f}")
+    if "teacher_avg_at_k" in before:
+        print(f"{'frozen teacher Avg@' + str(k):<32}{before['teacher_avg_at_k']:>10.3f}{'':>10}")
+    print(f"learning curve: {os.path.join(config.out_dir, 'learning_curve.png')}")
+
+
+def main(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        for f in fields(Config):
+            print(f"  --{f.name}={f.default!r}")
+        return
+    start = time.time()
+    config = parse_args(argv)
+    if not config.model:
+        if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
+            raise ConfigError("the toy world runs in one process; give --model to train under torchrun")
+        config.model = build_toy_world(config)
+        config.data = config.data or os.path.join(config.model, "train.jsonl")
+        config.eval_data = config.eval_data or os.path.join(config.model, "held_out.jsonl")
+    trainer = Trainer(config)
+    history = trainer.train()
+    if trainer.rank == 0 and len(history) > 1:
+        print_toy_table(history, config, time.time() - start)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, TrainingError, qwen3.CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")

@@ -149,6 +149,7 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=2048)
     parser.add_argument("--batch_size", type=int, default=96, help="sampled rows per sampler call")
     parser.add_argument("--thinking", action="store_true")
+    parser.add_argument("--template", help="student prompt template with {problem} (default: the task's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval_out", help="folder for samples.jsonl and summary.json")
     args = parser.parse_args(argv)
@@ -174,7 +175,8 @@ def main(argv=None):
 
     summary = evaluate_across_ranks(model, tokenizer, examples, k=args.k, temperature=args.temperature,
                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                    batch_size=args.batch_size, thinking=args.thinking, seed=args.seed)
+                                    batch_size=args.batch_size, thinking=args.thinking, template=args.template,
+                                    seed=args.seed)
     results = summary["per_problem"]
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)

@@ -1,0 +1,293 @@
+"""
+Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a CPU, a scaled-down shape.
+
+    python bench.py sampler   # new tokens/s and GB/s of the KV-cache sampler, against transformers' generate
+    python bench.py kernels   # peak memory and time of the chunked loss kernels against full-logits versions
+    python bench.py train     # one PBSD step: rollout tokens/s, trained tokens/s, MFU, generation vs training
+    python bench.py toy       # the toy world: every objective, three seeds, same warm start and budget
+
+Results print as tables; `toy` also writes out/bench_toy/results.json and comparison.png.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import kernels
+import model as qwen3
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+CPU_SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
+H100_BF16_TFLOPS = 989.0  # dense bf16, SXM
+
+
+def synchronize():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats=3):
+    """Best wall time of fn() over repeats, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def random_model(shape, dtype):
+    torch.manual_seed(0)
+    config = qwen3.Qwen3Config(**shape)
+    with torch.device("meta"):
+        model = qwen3.Qwen3(config).to(dtype)
+    model = model.to_empty(device=DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.02)
+    return model.requires_grad_(False).eval()
+
+
+def print_table(title, header, rows):
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in (header, ["-" * w for w in widths], *rows):
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+
+
+def bench_sampler():
+    shape = QWEN3_1_7B if CUDA else CPU_SHAPE
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    prompt_len, new_tokens = (256, 2048) if CUDA else (64, 64)
+    batches = (1, 16, 64, 128) if CUDA else (1, 8)
+    model = random_model(shape, dtype)
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    hf = None
+    try:
+        import transformers
+        hf_config = transformers.Qwen3Config(**shape, max_position_embeddings=prompt_len + new_tokens)
+        with torch.device(DEVICE):
+            hf = transformers.Qwen3ForCausalLM(hf_config).to(dtype).eval()
+        hf.model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    except ImportError:
+        pass
+    rows = []
+    for batch in batches:
+        prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
+        run = lambda: qwen3.generate(model, prompts, new_tokens, temperature=1.0, seed=0, compile=CUDA)
+        seconds = timed(run, repeats=2)
+        tokens_per_second = batch * new_tokens / seconds
+        # bytes read per decode step: every weight once, plus the whole static cache (all slots are attended)
+        bytes_per_step = weight_bytes + batch * (prompt_len + new_tokens) * kv_bytes_per_token
+        gb_per_second = bytes_per_step * new_tokens / seconds / 1e9
+        hf_tokens_per_second = float("nan")
+        if hf is not None and (CUDA or batch == 1):
+            ids = torch.tensor(prompts, device=DEVICE)
+            hf_run = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                         min_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                                         top_k=0, pad_token_id=0)
+            hf_tokens_per_second = batch * new_tokens / timed(hf_run, repeats=1)
+        rows.append([batch, f"{tokens_per_second:,.0f}", f"{gb_per_second:,.0f}", f"{hf_tokens_per_second:,.0f}",
+                     f"{tokens_per_second / hf_tokens_per_second:.1f}x"])
+    print_table(f"sampler: {'Qwen3-1.7B shape, bf16' if CUDA else 'CPU shape, fp32'} on {device_name()}, "
+                f"{prompt_len} prompt + {new_tokens} new tokens",
+                ["batch", "new tok/s", "GB/s", "transformers tok/s", "speed-up"], rows)
+
+
+def naive_token_logprobs(hidden, weight, targets):
+    logits = (hidden @ weight.T).float()  # (N, V): the tensor the kernels never hold
+    return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+
+
+def naive_jsd(student_hidden, teacher_hidden, weight, beta=0.5):
+    student_logp = (student_hidden @ weight.T).float().log_softmax(-1)
+    teacher_logp = (teacher_hidden @ weight.T).float().log_softmax(-1)
+    mixture = torch.logaddexp(teacher_logp + torch.log(torch.tensor(beta)), student_logp + torch.log(torch.tensor(1 - beta)))
+    return (beta * (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
+            + (1 - beta) * (student_logp.exp() * (student_logp - mixture)).sum(-1))
+
+
+def bench_kernels():
+    n, v, d = (16384, 151936, 2048) if CUDA else (2048, 16384, 256)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    kernels.compile_kernels = CUDA
+    torch.manual_seed(0)
+    hidden = torch.randn(n, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    teacher_hidden = torch.randn(n, d, device=DEVICE, dtype=dtype)
+    weight = torch.randn(v, d, device=DEVICE, dtype=dtype) * d ** -0.5
+    targets = torch.randint(0, v, (n,), device=DEVICE)
+    cases = {
+        "log-probs, chunked": lambda: kernels.token_logprobs(hidden, weight, targets).sum().backward(),
+        "log-probs, naive": lambda: naive_token_logprobs(hidden, weight, targets).sum().backward(),
+        "JSD, chunked": lambda: kernels.gjs_divergence(hidden, teacher_hidden, weight).sum().backward(),
+        "JSD, naive": lambda: naive_jsd(hidden, teacher_hidden, weight).sum().backward(),
+    }
+    matmuls = {"log-probs": 3, "JSD": 4}  # forward, recomputed forward, input gradient (JSD: two forwards)
+    rows = []
+    for name, run in cases.items():
+        hidden.grad = None
+        if CUDA:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base_memory = torch.cuda.memory_allocated() if CUDA else 0
+        try:
+            seconds = timed(run)
+        except torch.OutOfMemoryError:
+            rows.append([name, "out of memory", "", ""])
+            continue
+        peak = (torch.cuda.max_memory_allocated() - base_memory) / 2**30 if CUDA else float("nan")
+        flops = matmuls[name.split(",")[0]] * 2 * n * d * v
+        rows.append([name, f"{seconds * 1e3:,.1f}", f"{peak:,.2f}", f"{flops / seconds / 1e12:,.1f}"])
+    print_table(f"kernels: forward + backward, N={n} V={v} D={d} {str(dtype)[6:]} on {device_name()}",
+                ["kernel", "ms", "peak extra GiB", "TFLOP/s"], rows)
+
+
+def bench_train():
+    """One PBSD step on prompts of random tokens: the generation and the scoring/backward, timed apart."""
+    import pbsd
+    shape = QWEN3_1_7B if CUDA else CPU_SHAPE
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    prompts_per_step, prompt_len, new_tokens = (16, 256, 1024) if CUDA else (4, 32, 32)
+    kernels.compile_kernels = CUDA
+    model = random_model(shape, dtype)
+    model.gradient_checkpointing = CUDA
+    lora = qwen3.apply_lora(model)
+    optimizer = torch.optim.AdamW(lora, lr=1e-5)
+    student_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, prompt_len)).tolist()
+    teacher_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, 2 * prompt_len)).tolist()
+
+    def generation():
+        student = qwen3.generate(model, student_prompts, new_tokens, seed=0, compile=CUDA)
+        with qwen3.adapters_off(model):
+            teacher = qwen3.generate(model, teacher_prompts, new_tokens, seed=1, compile=CUDA)
+        return [r.tokens for r in student + teacher]
+
+    responses = generation()
+
+    def training():
+        weight = model.lm_head_weight
+        hidden, targets, rows = pbsd.response_hidden(model, student_prompts * 2, responses)
+        student = kernels.token_logprobs(hidden, weight, targets)
+        with torch.no_grad(), qwen3.adapters_off(model):
+            teacher_hidden, _, _ = pbsd.response_hidden(model, teacher_prompts * 2, responses)
+            teacher = kernels.token_logprobs(teacher_hidden, weight, targets)
+        sums = pbsd.sequence_sums(student, rows, len(responses))
+        teacher_sums = pbsd.sequence_sums(teacher, rows, len(responses))
+        half = prompts_per_step
+        rewards = torch.zeros(half, device=DEVICE)
+        loss, _, _ = kernels.pbsd_loss(sums[half:], teacher_sums[half:], sums[:half], teacher_sums[:half], rewards,
+                                       rewards, beta=0.1)
+        loss.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    generation_seconds = timed(generation, repeats=1)
+    training_seconds = timed(training, repeats=2)
+    new = sum(len(r) for r in responses)
+    trained = sum(len(p) for p in student_prompts) * 2 + new  # student forward + backward over prompt + response
+    teacher_tokens = sum(len(p) for p in teacher_prompts) * 2 + new
+    params = sum(p.numel() for p in model.parameters() if p.dim() == 2) - (
+        0 if not shape["tie_word_embeddings"] else 0)
+    # forward 2 P per token, backward to the activations 2 P (LoRA needs no full weight gradient), recompute 2 P
+    # with gradient checkpointing; the teacher forward 2 P per token
+    flops = trained * params * (6 if CUDA else 4) + teacher_tokens * params * 2
+    mfu = flops / training_seconds / (H100_BF16_TFLOPS * 1e12) if CUDA else float("nan")
+    rows = [["rollout tokens/s", f"{new / generation_seconds:,.0f}"],
+            ["trained tokens/s", f"{trained / training_seconds:,.0f}"],
+            ["training MFU (H100 bf16 dense)", f"{100 * mfu:.1f}%"],
+            ["time in generation", f"{100 * generation_seconds / (generation_seconds + training_seconds):.0f}%"],
+            ["step seconds (generation + training)", f"{generation_seconds + training_seconds:.2f}"]]
+    print_table(f"train: one PBSD step, {prompts_per_step} prompts x (1 student + 1 teacher rollout), "
+                f"{new_tokens} new tokens, {'Qwen3-1.7B shape' if CUDA else 'CPU shape'} on {device_name()}",
+                ["measure", "value"], rows)
+
+
+TOY_METHODS = [("PBSD (label reward)", ["--loss=pbsd", "--pbsd_label=reward"]),
+               ("PBSD (label teacher)", ["--loss=pbsd", "--pbsd_label=teacher"]),
+               ("OPSD (JSD, beta_jsd 0.5)", ["--loss=opsd"]),
+               ("OPSD-sampled", ["--loss=opsd_sampled"]),
+               ("SFT", ["--loss=sft"])]
+
+
+def bench_toy(seeds=(0, 1, 2), out_dir="out/bench_toy"):
+    """Every objective from the same cached warm start, with the same steps, batch and learning rate."""
+    import pbsd
+    os.makedirs(out_dir, exist_ok=True)
+    base_config = pbsd.parse_args([f"--out_dir={out_dir}"])
+    base = pbsd.build_toy_world(base_config)  # shared by every run below
+    results = {}
+    for name, args in TOY_METHODS:
+        for seed in seeds:
+            run_dir = os.path.join(out_dir, f"{args[0][7:]}_{args[1][13:] if len(args) > 1 else ''}_seed{seed}")
+            command = [sys.executable, "pbsd.py", f"--out_dir={run_dir}", f"--model={base}",
+                       f"--data={os.path.join(base, 'train.jsonl')}", f"--eval_data={os.path.join(base, 'held_out.jsonl')}",
+                       f"--seed={seed}", *args, *[f"--{k}={v}" for k, v in pbsd.TOY_WORLD.items() if k != "out_dir"]]
+            print(f"[bench toy] {name}, seed {seed}", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            history = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
+                       if '"eval_avg_at_k"' in line]
+            results.setdefault(name, []).append(history)
+    json.dump(results, open(os.path.join(out_dir, "results.json"), "w"))
+    report_toy(results, out_dir)
+
+
+def report_toy(results, out_dir):
+    rows = []
+    for name, runs in results.items():
+        before = [run[0]["eval_avg_at_k"] for run in runs]
+        after = [run[-1]["eval_avg_at_k"] for run in runs]
+        gains = [a - b for a, b in zip(after, before)]
+        length = [run[-1]["eval_mean_length"] for run in runs]
+        rows.append([name, f"{statistics.mean(before):.3f}", f"{statistics.mean(after):.3f} ± {statistics.stdev(after):.3f}",
+                     f"{statistics.mean(gains):+.3f} ± {statistics.stdev(gains):.3f}", f"{statistics.mean(length):.1f}"])
+    k = next(iter(results.values()))[0][0]["eval_k"]
+    print_table(f"toy world: held-out student Avg@{k}, mean ± std over {len(next(iter(results.values())))} seeds",
+                ["method", "before", "after", "gain", "length after"], rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, runs in results.items():
+        steps = [h["step"] for h in runs[0]]
+        values = [[run[i]["eval_avg_at_k"] for run in runs] for i in range(len(steps))]
+        mean = [statistics.mean(v) for v in values]
+        spread = [statistics.stdev(v) for v in values]
+        ax.plot(steps, mean, "o-", label=name)
+        ax.fill_between(steps, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.15)
+    teacher = next(iter(results.values()))[0][0].get("teacher_avg_at_k")
+    if teacher is not None:
+        ax.axhline(teacher, color="gray", ls="--", label="frozen teacher (reads the solution)")
+    ax.set(xlabel="step", ylabel=f"held-out student Avg@{k}", title="toy world: same warm start, same budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "comparison.png"), dpi=110)
+    print(f"plot: {os.path.join(out_dir, 'comparison.png')}")
+
+
+def device_name():
+    return torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    benches = {"sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train, "toy": bench_toy}
+    names = sys.argv[1:] or ["sampler", "kernels", "train"]
+    unknown = [n for n in names if n not in benches]
+    if unknown:
+        sys.exit(f"error: unknown benchmark {unknown[0]!r}; choose from {', '.join(benches)}")
+    for name in names:
+        benches[name]()

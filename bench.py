@@ -61,6 +61,11 @@ def random_model(shape, dtype):
     return model.requires_grad_(False).eval()
 
 
+def fmt(value, spec, suffix=""):
+    """A figure, or n/a where it was not measured (no GPU, no transformers)."""
+    return "n/a" if value != value else f"{value:{spec}}{suffix}"
+
+
 def print_table(title, header, rows):
     print(f"\n{title}")
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
@@ -96,14 +101,14 @@ def bench_sampler():
         bytes_per_step = weight_bytes + batch * (prompt_len + new_tokens) * kv_bytes_per_token
         gb_per_second = bytes_per_step * new_tokens / seconds / 1e9
         hf_tokens_per_second = float("nan")
-        if hf is not None and (CUDA or batch == 1):
+        if hf is not None:
             ids = torch.tensor(prompts, device=DEVICE)
             hf_run = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                          min_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
                                          top_k=0, pad_token_id=0)
             hf_tokens_per_second = batch * new_tokens / timed(hf_run, repeats=1)
-        rows.append([batch, f"{tokens_per_second:,.0f}", f"{gb_per_second:,.0f}", f"{hf_tokens_per_second:,.0f}",
-                     f"{tokens_per_second / hf_tokens_per_second:.1f}x"])
+        rows.append([batch, f"{tokens_per_second:,.0f}", f"{gb_per_second:,.1f}", fmt(hf_tokens_per_second, ",.0f"),
+                     fmt(tokens_per_second / hf_tokens_per_second, ".1f", "x")])
     print_table(f"sampler: {'Qwen3-1.7B shape, bf16' if CUDA else 'CPU shape, fp32'} on {device_name()}, "
                 f"{prompt_len} prompt + {new_tokens} new tokens",
                 ["batch", "new tok/s", "GB/s", "transformers tok/s", "speed-up"], rows)
@@ -152,7 +157,7 @@ def bench_kernels():
             continue
         peak = (torch.cuda.max_memory_allocated() - base_memory) / 2**30 if CUDA else float("nan")
         flops = matmuls[name.split(",")[0]] * 2 * n * d * v
-        rows.append([name, f"{seconds * 1e3:,.1f}", f"{peak:,.2f}", f"{flops / seconds / 1e12:,.1f}"])
+        rows.append([name, f"{seconds * 1e3:,.1f}", fmt(peak, ",.2f"), f"{flops / seconds / 1e12:,.2f}"])
     print_table(f"kernels: forward + backward, N={n} V={v} D={d} {str(dtype)[6:]} on {device_name()}",
                 ["kernel", "ms", "peak extra GiB", "TFLOP/s"], rows)
 
@@ -201,15 +206,14 @@ def bench_train():
     new = sum(len(r) for r in responses)
     trained = sum(len(p) for p in student_prompts) * 2 + new  # student forward + backward over prompt + response
     teacher_tokens = sum(len(p) for p in teacher_prompts) * 2 + new
-    params = sum(p.numel() for p in model.parameters() if p.dim() == 2) - (
-        0 if not shape["tie_word_embeddings"] else 0)
+    params = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # matmul weights (tied head counted once)
     # forward 2 P per token, backward to the activations 2 P (LoRA needs no full weight gradient), recompute 2 P
     # with gradient checkpointing; the teacher forward 2 P per token
     flops = trained * params * (6 if CUDA else 4) + teacher_tokens * params * 2
     mfu = flops / training_seconds / (H100_BF16_TFLOPS * 1e12) if CUDA else float("nan")
     rows = [["rollout tokens/s", f"{new / generation_seconds:,.0f}"],
             ["trained tokens/s", f"{trained / training_seconds:,.0f}"],
-            ["training MFU (H100 bf16 dense)", f"{100 * mfu:.1f}%"],
+            ["training MFU (H100 bf16 dense)", fmt(100 * mfu, ".1f", "%")],
             ["time in generation", f"{100 * generation_seconds / (generation_seconds + training_seconds):.0f}%"],
             ["step seconds (generation + training)", f"{generation_seconds + training_seconds:.2f}"]]
     print_table(f"train: one PBSD step, {prompts_per_step} prompts x (1 student + 1 teacher rollout), "

@@ -116,19 +116,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        # the sampler's static cache, (B, Hkv, S, hd) each; buffers, so a CUDA graph may update them in place
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def forward(self, x, cos, sin, mask, cache_index=None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k_cache, v_cache = cache  # (B, Hkv, S, hd), preallocated for prompt + new tokens
-            k_cache.index_copy_(2, cache_index, k)
-            v_cache.index_copy_(2, cache_index, v)
+        if cache_index is not None:
+            self.k_cache.index_copy_(2, cache_index, k)
+            self.v_cache.index_copy_(2, cache_index, v)
             if T == 1:  # a decode step sees all S slots, the mask hides the unwritten ones; a prefill sees itself
-                k, v = k_cache, v_cache
+                k, v = self.k_cache, self.v_cache
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_head != self.n_kv_head)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -153,8 +155,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+    def forward(self, x, cos, sin, mask, cache_index=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -169,7 +171,6 @@ class Qwen3(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
-        self.kv_cache = None  # list of (k, v) per layer while the sampler runs
         self.gradient_checkpointing = False  # recompute each block in backward: activations of one block, not all
 
     @property
@@ -184,7 +185,7 @@ class Qwen3(nn.Module):
         """
         input_ids (B, T) -> final-norm hidden states (B, T, D).
         attention_mask (B, T), 1 for real tokens: for left-padded batches; positions then count real tokens only.
-        cache_index / mask are the sampler's: write keys into self.kv_cache at cache_index, attend with mask.
+        cache_index / mask are the sampler's: write keys into each layer's cache at cache_index, attend with mask.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -199,11 +200,11 @@ class Qwen3(nn.Module):
                                                                                     device=input_ids.device))
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, None if self.kv_cache is None else self.kv_cache[i], cache_index)
+                x = layer(x, cos, sin, mask, cache_index)
         return self.norm(x)
 
 
@@ -420,10 +421,15 @@ def sample_token(logits, noise, temperature, top_k, top_p):
     return (probs / noise).argmax(-1)
 
 
-def decode_step(model, token, position, cache_index, key_valid):
-    """token, position (B, 1); cache_index (1,); key_valid (B, S) -> next-token logits (B, V) fp32."""
-    key_valid.index_fill_(1, cache_index, True)
-    hidden = model(token, position_ids=position, cache_index=cache_index, mask=key_valid[:, None, None, :])
+def decode_step(model, token, position, cache_index, prompt_valid, new_slot):
+    """
+    token, position (B, 1); cache_index (1,); prompt_valid (B, S), the real prompt slots; new_slot (S,), the
+    slots after the prompt -> next-token logits (B, V) fp32. Nothing but the caches is written, so the step
+    can be replayed as a CUDA graph.
+    """
+    written = new_slot & (torch.arange(new_slot.shape[0], device=new_slot.device) <= cache_index)  # (S,)
+    mask = (prompt_valid | written)[:, None, None, :]  # (B, 1, 1, S)
+    hidden = model(token, position_ids=position, cache_index=cache_index, mask=mask)
     return model.logits(hidden[:, -1]).float()
 
 
@@ -450,9 +456,11 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     """
     device = model.embed_tokens.weight.device
     config = model.config
-    n_prompts, prompt_len = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
+    n_prompts, prompt_len = len(prompts), max(len(p) for p in prompts)
+    if compile:  # a compiled step is specialised to the cache shape: round up, so a run sees few shapes
+        prompt_len = -(-prompt_len // 64) * 64
     n_rows, n_slots = n_prompts * num_samples, prompt_len + max_new_tokens
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
 
@@ -463,18 +471,21 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         attention_mask[row, prompt_len - len(prompt):] = True
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
+    attention_layers = [layer.self_attn for layer in model.layers]
     cache_shape = (n_prompts, config.num_key_value_heads, n_slots, config.head_dim)
-    dtype = model.embed_tokens.weight.dtype
-    model.kv_cache = [(torch.zeros(cache_shape, dtype=dtype, device=device),
-                       torch.zeros(cache_shape, dtype=dtype, device=device)) for _ in model.layers]
+    for attention in attention_layers:
+        attention.k_cache = torch.zeros(cache_shape, dtype=model.embed_tokens.weight.dtype, device=device)
+        attention.v_cache = torch.zeros_like(attention.k_cache)
     try:
         hidden = model(input_ids, attention_mask=attention_mask,
                        cache_index=torch.arange(prompt_len, device=device))
         logits = model.logits(hidden[:, -1]).float().repeat_interleave(num_samples, 0)  # (B, V)
-        model.kv_cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0))
-                          for k, v in model.kv_cache]
-        key_valid = torch.zeros(n_rows, n_slots, dtype=torch.bool, device=device)
-        key_valid[:, :prompt_len] = attention_mask.repeat_interleave(num_samples, 0)
+        for attention in attention_layers:  # the samples of a prompt all continue its one prefill
+            attention.k_cache = attention.k_cache.repeat_interleave(num_samples, 0)
+            attention.v_cache = attention.v_cache.repeat_interleave(num_samples, 0)
+        prompt_valid = F.pad(attention_mask.repeat_interleave(num_samples, 0), (0, max_new_tokens))  # (B, S)
+        slots = torch.arange(n_slots, device=device)
+        new_slot = slots >= prompt_len  # (S,)
         position = attention_mask.sum(-1, keepdim=True).repeat_interleave(num_samples, 0)  # (B, 1)
 
         step_fn = decode_step
@@ -484,7 +495,6 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
         new_tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
         done = torch.zeros(n_rows, dtype=torch.bool, device=device)
-        slots = torch.arange(n_slots, device=device)
         for step in range(max_new_tokens):
             noise = torch.empty_like(logits).exponential_(generator=generator)
             token = sample_token(logits, noise, temperature, top_k, top_p)
@@ -493,9 +503,10 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
             if step + 1 == max_new_tokens or (step % 32 == 31 and bool(done.all())):
                 break
             cache_index = slots[prompt_len + step:prompt_len + step + 1]
-            logits = step_fn(model, token[:, None], position + step, cache_index, key_valid)
+            logits = step_fn(model, token[:, None], position + step, cache_index, prompt_valid, new_slot)
     finally:
-        model.kv_cache = None
+        for attention in attention_layers:
+            attention.k_cache = attention.v_cache = None
 
     rollouts = []
     eos_set = set(eos_ids)

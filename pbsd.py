@@ -365,6 +365,15 @@ class Trainer:
                                                    temperature=self.config.temperature, with_entropy=True)
         return logp, entropy, rows, hidden
 
+    def grade(self, rollouts, examples, role, stats):
+        """Rewards of the rollouts (examples repeated to match them), logged with their lengths and truncation."""
+        texts = [self.tokenizer.decode(r.tokens) for r in rollouts]
+        rewards = [data.reward(e, text) for e, text in zip(examples, texts)]
+        stats.add(f"{role}_reward", rewards)
+        stats.add(f"{role}_length", [len(r.tokens) for r in rollouts])
+        stats.add(f"{role}_truncated", [not r.finished for r in rollouts])
+        return rewards, texts
+
     def micro_step(self, step, global_micro, indices, stats):
         config, examples = self.config, [self.train_examples[i] for i in indices]
         timer = time.time()
@@ -380,12 +389,8 @@ class Trainer:
 
         student_rollouts = self.rollouts([self.student_prompts[i] for i in indices], config.n_student,
                                          rollout_seed(config.seed, step, global_micro, False), teacher=False)
-        texts = [self.tokenizer.decode(r.tokens) for r in student_rollouts]
-        student_examples = [e for e in examples for _ in range(config.n_student)]
-        student_rewards = [data.reward(e, text) for e, text in zip(student_examples, texts)]
-        stats.add("student_reward", student_rewards)
-        stats.add("student_length", [len(r.tokens) for r in student_rollouts])
-        stats.add("student_truncated", [not r.finished for r in student_rollouts])
+        student_rewards, texts = self.grade(student_rollouts, [e for e in examples for _ in range(config.n_student)],
+                                            "student", stats)
         stats.add_ratio("uncertainty_per_1k", evaluation.uncertainty_count(texts),
                         sum(len(r.tokens) for r in student_rollouts) / 1000)
         responses = [r.tokens for r in student_rollouts]
@@ -394,12 +399,8 @@ class Trainer:
         if config.loss == "pbsd":
             teacher_rollouts = self.rollouts([self.teacher_prompts[i] for i in indices], config.n_teacher,
                                              rollout_seed(config.seed, step, global_micro, True), teacher=True)
-            teacher_examples = [e for e in examples for _ in range(config.n_teacher)]
-            teacher_rewards = [data.reward(e, self.tokenizer.decode(r.tokens))
-                               for e, r in zip(teacher_examples, teacher_rollouts)]
-            stats.add("teacher_reward", teacher_rewards)
-            stats.add("teacher_length", [len(r.tokens) for r in teacher_rollouts])
-            stats.add("teacher_truncated", [not r.finished for r in teacher_rollouts])
+            teacher_rewards, _ = self.grade(teacher_rollouts, [e for e in examples for _ in range(config.n_teacher)],
+                                            "teacher", stats)
             # score the teacher samples too, both models, each with its own prompt
             responses = responses + [r.tokens for r in teacher_rollouts]
             student_prompts += [self.student_prompts[i] for i in indices for _ in range(config.n_teacher)]

@@ -283,6 +283,19 @@ def test_seed_reproducible_and_eos_handling(tiny):
             assert not cut.finished and cut.tokens == free.tokens and len(cut.tokens) == 20
 
 
+def test_compiled_sampler_equals_eager_and_compiles_once(tiny):
+    from torch._dynamo.utils import counters
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    for lengths in ([5, 9, 2], [3, 30, 12]):  # both round up to a 64-slot prompt: one shape, one compilation
+        prompts = _prompts(lengths, seed=len(lengths[1:]) + lengths[0])
+        compiled = M.generate(ours, prompts, 20, temperature=0, compile=True)
+        assert compiled == M.generate(ours, prompts, 20, temperature=0)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_sampler_with_lora_and_as_teacher(tiny):
     path, _ = tiny
     ours = M.load_qwen3(path, dtype=torch.float32)

@@ -462,11 +462,14 @@ class Trainer:
             for p in self.lora_params:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.config.grad_clip).item()
+        if not math.isfinite(grad_norm):  # the same on every rank: the gradients were averaged above
+            raise TrainingError(f"step {self.step + 1}: the gradient norm is {grad_norm}; stopping before the "
+                                f"update. The last good checkpoint is {self.latest_checkpoint()}")
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item()
+        return grad_norm
 
     def train(self, until_step=None):
         """Trains to config.steps (or stops after until_step, as if interrupted)."""
@@ -484,13 +487,13 @@ class Trainer:
             stats, losses = Stats(), []
             for global_micro, indices in self.micro_batches(self.step):
                 losses.append(self.micro_step(self.step, global_micro, indices, stats))
-            loss = sum(losses) / len(losses)
-            grad_norm = self.optimizer_step() if math.isfinite(loss) else float("nan")
+            loss = self.all_mean(sum(losses) / len(losses))  # every rank decides on the same number
+            if not math.isfinite(loss):
+                raise TrainingError(f"step {self.step + 1}: the loss is {loss}; stopping before the update. "
+                                    f"The last good checkpoint is {self.latest_checkpoint()}")
+            grad_norm = self.optimizer_step()
             metrics = stats.reduce(self.world, self.device)
-            metrics["loss"] = self.all_mean(loss)
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
-                raise TrainingError(f"step {self.step + 1}: the loss is {metrics['loss']} (grad norm {grad_norm}); "
-                                    f"stopping. The last good checkpoint is {self.latest_checkpoint()}")
+            metrics["loss"] = loss
             self.step += 1
             metrics.update(step=self.step, lr=self.schedule.get_last_lr()[0], grad_norm=grad_norm)
             if "rollout_tokens" in metrics:

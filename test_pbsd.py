@@ -738,6 +738,21 @@ def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path):
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002", "step_000004"]
 
 
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_with_tokenizer, train_file, tmp_path):
+    path, _ = tiny_with_tokenizer
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, steps=3, save_every=1))
+    trainer.train(until_step=1)
+    good = _lora_state(trainer.model)
+    with torch.no_grad():
+        trainer.lora_params[1].fill_(float("nan"))  # a corrupted adapter: the next loss is NaN
+    with pytest.raises(pbsd.TrainingError, match="step 2: the loss is nan; stopping before the update. "
+                                                 "The last good checkpoint is .*step_000001"):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000001"]
+    reloaded = M.load_lora(M.load_qwen3(path, dtype=torch.float32), str(tmp_path / "checkpoints" / "step_000001"))
+    assert all(torch.equal(good[n], p) for n, p in reloaded.named_parameters() if "lora_" in n)
+
+
 DDP_SCRIPT = """
 import json, os, sys, torch
 sys.path.insert(0, {repo!r})

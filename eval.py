@@ -72,7 +72,7 @@ def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, ma
     make_prompt = data.teacher_prompt if role == "teacher" else data.student_prompt
     problems_per_call = max(1, batch_size // k)
     progress = Progress(len(examples), f"eval {role}", show_progress)
-    results = []
+    results, reward_sum = [], 0.0
     for start in range(0, len(examples), problems_per_call):
         batch = examples[start:start + problems_per_call]
         prompts = [make_prompt(e, tokenizer, thinking, template) for e in batch]
@@ -86,7 +86,8 @@ def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, ma
             results.append({"problem": example.problem, "answer": example.answer, "responses": texts,
                             "rewards": rewards, "lengths": [len(s.tokens) for s in samples],
                             "truncated": [not s.finished for s in samples]})
-        progress.update(len(results), f"Avg@{k} so far {summarize(results, k)['avg_at_k']:.3f}")
+            reward_sum += sum(rewards)
+        progress.update(len(results), f"Avg@{k} so far {reward_sum / (k * len(results)):.3f}")
     return summarize(results, k)
 
 
@@ -115,13 +116,13 @@ def evaluate_across_ranks(model, tokenizer, examples, **kwargs):
     rank, world = dist.get_rank(), dist.get_world_size()
     kwargs["seed"] = None if kwargs.get("seed") is None else kwargs["seed"] + 1000 * rank
     kwargs["show_progress"] = kwargs.get("show_progress", True) and rank == 0
-    results = evaluate(model, tokenizer, examples[rank::world], **kwargs)["per_problem"]
+    mine = evaluate(model, tokenizer, examples[rank::world], **kwargs)
     gathered = [None] * world
-    dist.all_gather_object(gathered, results)
+    dist.all_gather_object(gathered, mine["per_problem"])
     ordered = [None] * len(examples)
     for r, part in enumerate(gathered):
         ordered[r::world] = part
-    return summarize(ordered, kwargs.get("k", 12))
+    return summarize(ordered, mine["k"])
 
 
 def print_table(summary, file=sys.stdout):

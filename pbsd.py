@@ -536,7 +536,7 @@ class Trainer:
         config = self.config
         kwargs = dict(k=config.eval_k, temperature=config.temperature, top_p=config.top_p,
                       max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
-                      batch_size=max(config.micro_batch_size * config.eval_k, config.eval_k), thinking=config.thinking,
+                      batch_size=config.micro_batch_size * config.eval_k, thinking=config.thinking,
                       seed=config.seed + 12345, show_progress=False)
         self.model.eval()
         student = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
@@ -572,11 +572,15 @@ class Trainer:
     def checkpoint_dir(self):
         return os.path.join(self.config.out_dir, "checkpoints")
 
-    def latest_checkpoint(self):
+    def checkpoints(self):
+        """Paths of the finished checkpoints, oldest first (a .tmp folder is one a crash interrupted)."""
         folder = self.checkpoint_dir()
-        names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and not n.endswith(".tmp")) \
-            if os.path.isdir(folder) else []
-        return os.path.join(folder, names[-1]) if names else None
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        return [os.path.join(folder, n) for n in names if n.startswith("step_") and not n.endswith(".tmp")]
+
+    def latest_checkpoint(self):
+        finished = self.checkpoints()
+        return finished[-1] if finished else None
 
     def save_checkpoint(self):
         if self.rank != 0:
@@ -590,9 +594,8 @@ class Trainer:
                    os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a crash before this line leaves only a .tmp folder, which resume ignores
-        kept = sorted(n for n in os.listdir(self.checkpoint_dir()) if n.startswith("step_") and not n.endswith(".tmp"))
-        for name in kept[:-self.config.keep_last]:
-            shutil.rmtree(os.path.join(self.checkpoint_dir(), name))
+        for path in self.checkpoints()[:-self.config.keep_last]:
+            shutil.rmtree(path)
 
     def load_checkpoint(self):
         path = self.latest_checkpoint()

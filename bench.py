@@ -14,7 +14,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -29,6 +28,7 @@ QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, n
 CPU_SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
 H100_BF16_TFLOPS = 989.0  # dense bf16, SXM
+H100_TB_PER_S = 3.35  # HBM3, SXM
 
 
 def synchronize():
@@ -36,9 +36,10 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats=3):
+def timed(fn, repeats=3, warmup=True):
     """Best wall time of fn() over repeats, after one warm-up call."""
-    fn()
+    if warmup:
+        fn()
     best = float("inf")
     for _ in range(repeats):
         synchronize()
@@ -97,21 +98,25 @@ def bench_sampler():
         run = lambda: qwen3.generate(model, prompts, new_tokens, temperature=1.0, seed=0, compile=CUDA)
         seconds = timed(run, repeats=2)
         tokens_per_second = batch * new_tokens / seconds
-        # bytes read per decode step: every weight once, plus the whole static cache (all slots are attended)
-        bytes_per_step = weight_bytes + batch * (prompt_len + new_tokens) * kv_bytes_per_token
+        # the least a decode step must read: every weight once and the keys/values written so far (the prompt
+        # and, on average, half the new tokens)
+        bytes_per_step = weight_bytes + batch * (prompt_len + new_tokens / 2) * kv_bytes_per_token
         gb_per_second = bytes_per_step * new_tokens / seconds / 1e9
+        roofline = gb_per_second / (H100_TB_PER_S * 1e3) if CUDA else float("nan")
         hf_tokens_per_second = float("nan")
-        if hf is not None:
+        if hf is not None:  # one timed run: transformers' generate takes minutes at these lengths
             ids = torch.tensor(prompts, device=DEVICE)
-            hf_run = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                         min_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
-                                         top_k=0, pad_token_id=0)
-            hf_tokens_per_second = batch * new_tokens / timed(hf_run, repeats=1)
-        rows.append([batch, f"{tokens_per_second:,.0f}", f"{gb_per_second:,.1f}", fmt(hf_tokens_per_second, ",.0f"),
-                     fmt(tokens_per_second / hf_tokens_per_second, ".1f", "x")])
+            hf_run = lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                           min_new_tokens=n, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                           pad_token_id=0)
+            hf_run(8)
+            hf_tokens_per_second = batch * new_tokens / timed(lambda: hf_run(new_tokens), repeats=1, warmup=False)
+        rows.append([batch, f"{tokens_per_second:,.0f}", f"{gb_per_second:,.0f}", fmt(100 * roofline, ".0f", "%"),
+                     fmt(hf_tokens_per_second, ",.0f"), fmt(tokens_per_second / hf_tokens_per_second, ".1f", "x")])
+        print(f"[bench sampler] batch {batch}: {tokens_per_second:,.0f} tok/s", file=sys.stderr, flush=True)
     print_table(f"sampler: {'Qwen3-1.7B shape, bf16' if CUDA else 'CPU shape, fp32'} on {device_name()}, "
-                f"{prompt_len} prompt + {new_tokens} new tokens",
-                ["batch", "new tok/s", "GB/s", "transformers tok/s", "speed-up"], rows)
+                f"{prompt_len} prompt + {new_tokens} new tokens; GB/s of the weights + written KV read per step",
+                ["batch", "new tok/s", "GB/s", "of H100 roofline", "transformers tok/s", "speed-up"], rows)
 
 
 def naive_token_logprobs(hidden, weight, targets):

@@ -116,21 +116,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        # the sampler's static cache, (B, Hkv, S, hd) each; buffers, so a CUDA graph may update them in place
-        self.register_buffer("k_cache", None, persistent=False)
-        self.register_buffer("v_cache", None, persistent=False)
 
-    def forward(self, x, cos, sin, mask, cache_index=None):
+    def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_index is not None:
-            self.k_cache.index_copy_(2, cache_index, k)
-            self.v_cache.index_copy_(2, cache_index, v)
-            if T == 1:  # a decode step sees all S slots, the mask hides the unwritten ones; a prefill sees itself
-                k, v = self.k_cache, self.v_cache
+        if cache is not None:
+            k_cache, v_cache = cache  # (B, Hkv, S, hd) each, written in place
+            k_cache.index_copy_(2, cache_index, k)
+            v_cache.index_copy_(2, cache_index, v)
+        if cache is not None and T == 1:
+            # a decode step attends the first W cache slots, W = the mask's width; the mask hides the unwritten
+            # ones. The H/Hkv query heads that share a KV head become that head's queries, so each KV slot is
+            # read once: (B, H, 1, hd) -> (B, Hkv, H/Hkv, hd), head h = kv_head * H/Hkv + g as in repeat_kv.
+            window = mask.shape[-1]
+            k, v = k_cache[:, :, :window], v_cache[:, :, :window]  # (B, Hkv, W, hd)
+            grouped = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
+            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)  # (B, Hkv, H/Hkv, hd)
+            return self.o_proj(y.reshape(B, 1, self.n_head * self.head_dim))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_head != self.n_kv_head)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -155,8 +160,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache_index=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_index)
+    def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -181,11 +186,11 @@ class Qwen3(nn.Module):
     def logits(self, hidden):
         return hidden @ self.lm_head_weight.T  # (..., V)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None, mask=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, cache_index=None, mask=None):
         """
         input_ids (B, T) -> final-norm hidden states (B, T, D).
         attention_mask (B, T), 1 for real tokens: for left-padded batches; positions then count real tokens only.
-        cache_index / mask are the sampler's: write keys into each layer's cache at cache_index, attend with mask.
+        caches / cache_index / mask are the sampler's: one (k, v) cache per layer, written at cache_index.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -200,11 +205,11 @@ class Qwen3(nn.Module):
                                                                                     device=input_ids.device))
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache_index)
+                x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_index)
         return self.norm(x)
 
 
@@ -398,8 +403,12 @@ def load_lora(model, path):
 
 # The sampler. Prompts are left-padded into one batch so that every row's next token sits in the
 # same column; each row keeps its own positions (counting its real tokens only), so a prompt gives
-# the same tokens in a batch as alone. The KV cache is preallocated for prompt + new tokens and
-# every decode step has the same shapes, so it compiles once (and is captured as a CUDA graph).
+# the same tokens in a batch as alone. The KV cache is preallocated for prompt + new tokens. A decode
+# step reads every weight and the cache slots it attends; to not read the unwritten tail of the cache,
+# it attends a window of the first W slots, W rounded up to WINDOW, so a step has one of a few shapes
+# (each compiled graph and CUDA graph serves many steps).
+
+WINDOW = 256
 
 
 def sample_token(logits, noise, temperature, top_k, top_p):
@@ -421,15 +430,15 @@ def sample_token(logits, noise, temperature, top_k, top_p):
     return (probs / noise).argmax(-1)
 
 
-def decode_step(model, token, position, cache_index, prompt_valid, new_slot):
+def decode_step(model, caches, token, position, cache_index, prompt_valid, new_slot, window):
     """
-    token, position (B, 1); cache_index (1,); prompt_valid (B, S), the real prompt slots; new_slot (S,), the
-    slots after the prompt -> next-token logits (B, V) fp32. Nothing but the caches is written, so the step
-    can be replayed as a CUDA graph.
+    caches, one (k, v) pair per layer; token, position (B, 1); cache_index (1,); prompt_valid (B, S), the real
+    prompt slots; new_slot (S,), the slots after the prompt; window, how many slots to attend -> next-token
+    logits (B, V) fp32. Nothing but the caches is written, so the step can be replayed as a CUDA graph.
     """
-    written = new_slot & (torch.arange(new_slot.shape[0], device=new_slot.device) <= cache_index)  # (S,)
-    mask = (prompt_valid | written)[:, None, None, :]  # (B, 1, 1, S)
-    hidden = model(token, position_ids=position, cache_index=cache_index, mask=mask)
+    written = new_slot[:window] & (torch.arange(window, device=new_slot.device) <= cache_index)  # (W,)
+    mask = (prompt_valid[:, :window] | written)[:, None, None, :]  # (B, 1, 1, W)
+    hidden = model(token, position_ids=position, caches=caches, cache_index=cache_index, mask=mask)
     return model.logits(hidden[:, -1]).float()
 
 
@@ -459,7 +468,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
     n_prompts, prompt_len = len(prompts), max(len(p) for p in prompts)
-    if compile:  # a compiled step is specialised to the cache shape: round up, so a run sees few shapes
+    if compile:  # every cache shape is a CUDA graph of its own: round up, so a run sees few shapes
         prompt_len = -(-prompt_len // 64) * 64
     n_rows, n_slots = n_prompts * num_samples, prompt_len + max_new_tokens
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
@@ -471,42 +480,46 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         attention_mask[row, prompt_len - len(prompt):] = True
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    attention_layers = [layer.self_attn for layer in model.layers]
     cache_shape = (n_prompts, config.num_key_value_heads, n_slots, config.head_dim)
-    for attention in attention_layers:
-        attention.k_cache = torch.zeros(cache_shape, dtype=model.embed_tokens.weight.dtype, device=device)
-        attention.v_cache = torch.zeros_like(attention.k_cache)
-    try:
-        hidden = model(input_ids, attention_mask=attention_mask,
-                       cache_index=torch.arange(prompt_len, device=device))
-        logits = model.logits(hidden[:, -1]).float().repeat_interleave(num_samples, 0)  # (B, V)
-        for attention in attention_layers:  # the samples of a prompt all continue its one prefill
-            attention.k_cache = attention.k_cache.repeat_interleave(num_samples, 0)
-            attention.v_cache = attention.v_cache.repeat_interleave(num_samples, 0)
-        prompt_valid = F.pad(attention_mask.repeat_interleave(num_samples, 0), (0, max_new_tokens))  # (B, S)
-        slots = torch.arange(n_slots, device=device)
-        new_slot = slots >= prompt_len  # (S,)
-        position = attention_mask.sum(-1, keepdim=True).repeat_interleave(num_samples, 0)  # (B, 1)
+    dtype = model.embed_tokens.weight.dtype
+    caches = [(torch.zeros(cache_shape, dtype=dtype, device=device), torch.zeros(cache_shape, dtype=dtype,
+                                                                                device=device))
+              for _ in model.layers]
+    hidden = model(input_ids, attention_mask=attention_mask, caches=caches,
+                   cache_index=torch.arange(prompt_len, device=device))
+    logits = model.logits(hidden[:, -1]).float().repeat_interleave(num_samples, 0)  # (B, V)
+    if num_samples > 1:  # the samples of a prompt all continue its one prefill
+        caches = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in caches]
+    prompt_valid = F.pad(attention_mask.repeat_interleave(num_samples, 0), (0, max_new_tokens))  # (B, S)
+    slots = torch.arange(n_slots, device=device)
+    new_slot = slots >= prompt_len  # (S,)
+    position = attention_mask.sum(-1, keepdim=True).repeat_interleave(num_samples, 0)  # (B, 1)
 
-        step_fn = decode_step
-        if compile:
-            mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
-            step_fn = _compiled_decode_step.setdefault(mode, torch.compile(decode_step, mode=mode, fullgraph=True))
-        eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-        new_tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
-        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            noise = torch.empty_like(logits).exponential_(generator=generator)
-            token = sample_token(logits, noise, temperature, top_k, top_p)
-            new_tokens[:, step] = token.masked_fill(done, -1)
-            done |= torch.isin(token, eos)
-            if step + 1 == max_new_tokens or (step % 32 == 31 and bool(done.all())):
-                break
-            cache_index = slots[prompt_len + step:prompt_len + step + 1]
-            logits = step_fn(model, token[:, None], position + step, cache_index, prompt_valid, new_slot)
-    finally:
-        for attention in attention_layers:
-            attention.k_cache = attention.v_cache = None
+    step_fn = decode_step
+    if compile:
+        mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+        # dynamic: one compilation serves every batch size, cache length and window
+        step_fn = _compiled_decode_step.setdefault(mode, torch.compile(decode_step, mode=mode, fullgraph=True,
+                                                                       dynamic=True))
+        for cache in caches:  # written in place by the graph: a CUDA graph must read and write these very tensors
+            for tensor in cache:
+                torch._dynamo.mark_static_address(tensor, guard=False)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    new_tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
+    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        noise = torch.empty_like(logits).exponential_(generator=generator)
+        token = sample_token(logits, noise, temperature, top_k, top_p)
+        new_tokens[:, step] = token.masked_fill(done, -1)
+        done |= torch.isin(token, eos)
+        if step + 1 == max_new_tokens or (step % 32 == 31 and bool(done.all())):
+            break
+        cache_index = slots[prompt_len + step:prompt_len + step + 1]
+        # the last slot is never written (the last token is sampled, not fed back), so the window stays
+        # below S and every window takes the same compiled branch
+        window = min(n_slots - 1, -(-(prompt_len + step + 1) // WINDOW) * WINDOW)
+        logits = step_fn(model, caches, token[:, None], position + step, cache_index, prompt_valid, new_slot,
+                         window)
 
     rollouts = []
     eos_set = set(eos_ids)

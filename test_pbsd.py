@@ -212,8 +212,9 @@ def _prompts(lengths, seed=0):
     return [torch.randint(3, TINY["vocab_size"], (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_greedy_matches_transformers_generate(tmp_path, tied):
+@pytest.mark.parametrize("tied,window", [(True, 256), (False, 256), (True, 4)])
+def test_greedy_matches_transformers_generate(tmp_path, monkeypatch, tied, window):
+    monkeypatch.setattr(M, "WINDOW", window)  # 4: the attended window grows every 4 steps
     path, hf = make_checkpoint(tmp_path, seed=2, tie_word_embeddings=tied)
     ours = M.load_qwen3(path, dtype=torch.float32)
     prompts = _prompts([5, 9, 2, 7])
@@ -283,13 +284,14 @@ def test_seed_reproducible_and_eos_handling(tiny):
             assert not cut.finished and cut.tokens == free.tokens and len(cut.tokens) == 20
 
 
-def test_compiled_sampler_equals_eager_and_compiles_once(tiny):
+def test_compiled_sampler_equals_eager_and_compiles_once(tiny, monkeypatch):
     from torch._dynamo.utils import counters
+    monkeypatch.setattr(M, "WINDOW", 8)  # windows of 72, 80 and all 84 slots, and two batch sizes: one graph
     path, _ = tiny
     ours = M.load_qwen3(path, dtype=torch.float32)
     torch._dynamo.reset()
     counters.clear()
-    for lengths in ([5, 9, 2], [3, 30, 12]):  # both round up to a 64-slot prompt: one shape, one compilation
+    for lengths in ([5, 9, 2], [3, 30, 12, 7]):
         prompts = _prompts(lengths, seed=len(lengths[1:]) + lengths[0])
         compiled = M.generate(ours, prompts, 20, temperature=0, compile=True)
         assert compiled == M.generate(ours, prompts, 20, temperature=0)
@@ -849,6 +851,58 @@ def test_toy_world_shortened(tmp_path):
     transformers.Qwen3ForCausalLM.from_pretrained(str(base))  # the toy checkpoint is a real HF folder
     again = _run_pbsd(*args)
     assert again.returncode == 0 and "building the toy world" not in again.stderr  # the warm start is cached
+
+
+# ---- on a GPU only (skipped on the CPU machine): the compiled and CUDA-graph paths
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_cuda
+def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):
+    monkeypatch.setattr(M, "WINDOW", 8)  # the attended window grows while CUDA graphs replay
+    path, _ = tiny
+    ours = M.load_qwen3(path, device="cuda", dtype=torch.float32)
+    for lengths in ([5, 9, 2], [3, 30, 12, 7], [3, 30, 12, 7], [11]):  # new shapes, a repeat (fresh caches), batch 1
+        prompts = _prompts(lengths, seed=len(lengths))
+        assert M.generate(ours, prompts, 40, temperature=0, compile=True) == M.generate(ours, prompts, 40,
+                                                                                        temperature=0)
+
+
+@needs_cuda
+def test_cuda_compiled_kernels_bf16():
+    K.compile_kernels = True
+    try:
+        hidden, teacher, weight, targets, upstream = (t.cuda() for t in _kernel_inputs(300, 64, 1000, torch.bfloat16))
+        hidden = hidden.detach().requires_grad_()
+        logp = K.token_logprobs(hidden, weight, targets, chunk_size=128)  # 300 rows: the last chunk is padded
+        divergence = K.gjs_divergence(hidden, teacher, weight, beta=0.5, chunk_size=128)
+        grad_logp, = torch.autograd.grad((logp * upstream).sum(), hidden)
+    finally:
+        K.compile_kernels = False
+    cpu = [t.detach().cpu() for t in (hidden, teacher, weight, targets, upstream)]
+    hidden64 = cpu[0].double().requires_grad_()
+    reference = naive_logprobs(hidden64, cpu[2].double(), cpu[3], 1.0)[0]
+    (reference_grad,) = torch.autograd.grad((reference * cpu[4].double()).sum(), hidden64)
+    assert _relative_error(logp.cpu(), reference) < 2e-2
+    assert _relative_error(grad_logp.cpu(), reference_grad) < 2e-2
+    assert _relative_error(divergence.cpu(), naive_jsd(hidden64, cpu[1].double(), cpu[2].double(), 0.5, 1.0)) < 5e-2
+
+
+@needs_cuda
+def test_cuda_compiled_training_steps(tiny_with_tokenizer, train_file, tmp_path):
+    path, _ = tiny_with_tokenizer
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, loss="pbsd", compile=True, dtype="bfloat16",
+                                         steps=2, max_new_tokens=24))
+    assert trainer.device.type == "cuda"
+    with torch.no_grad():
+        for p in trainer.lora_params[1::2]:
+            p.normal_(std=0.01)
+    lora_before = _lora_state(trainer.model)
+    trainer.train()
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if "lora_" in n)
 
 
 if __name__ == "__main__":

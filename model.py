@@ -454,6 +454,26 @@ class Rollout(tuple):
 
 
 _compiled_decode_step = {}
+_kv_storage = {}  # (device, dtype) -> one flat buffer that every call's caches are views of
+
+
+def kv_caches(config, n_rows, n_slots, dtype, device, static):
+    """
+    One (k, v) pair per layer, each (n_rows, Hkv, n_slots, hd), carved from storage that outlives the call. A CUDA
+    graph replays on the memory it recorded, so a call of a shape seen before must get the same addresses: fresh
+    caches would re-record every graph, every call. static tells torch.compile that these tensors never move.
+    """
+    shape = (n_rows, config.num_key_value_heads, n_slots, config.head_dim)
+    numel = 2 * config.num_hidden_layers * math.prod(shape)
+    storage = _kv_storage.get((device, dtype))
+    if storage is None or storage.numel() < numel:
+        storage = _kv_storage[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    per_layer = storage[:numel].view(config.num_hidden_layers, 2, *shape)
+    caches = [(per_layer[i, 0], per_layer[i, 1]) for i in range(config.num_hidden_layers)]
+    if static:
+        for tensor in (t for cache in caches for t in cache):
+            torch._dynamo.mark_static_address(tensor, guard=False)
+    return caches
 
 
 @torch.no_grad()
@@ -480,16 +500,21 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         attention_mask[row, prompt_len - len(prompt):] = True
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    cache_shape = (n_prompts, config.num_key_value_heads, n_slots, config.head_dim)
     dtype = model.embed_tokens.weight.dtype
-    caches = [(torch.zeros(cache_shape, dtype=dtype, device=device), torch.zeros(cache_shape, dtype=dtype,
-                                                                                device=device))
-              for _ in model.layers]
-    hidden = model(input_ids, attention_mask=attention_mask, caches=caches,
+    prefill_shape = (n_prompts, config.num_key_value_heads, prompt_len, config.head_dim)
+    prefill_caches = [(torch.empty(prefill_shape, dtype=dtype, device=device),
+                       torch.empty(prefill_shape, dtype=dtype, device=device)) for _ in model.layers]
+    hidden = model(input_ids, attention_mask=attention_mask, caches=prefill_caches,
                    cache_index=torch.arange(prompt_len, device=device))
     logits = model.logits(hidden[:, -1]).float().repeat_interleave(num_samples, 0)  # (B, V)
-    if num_samples > 1:  # the samples of a prompt all continue its one prefill
-        caches = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in caches]
+    caches = kv_caches(config, n_rows, n_slots, dtype, device, static=compile)
+    for cache, prefill_cache in zip(caches, prefill_caches):
+        for tensor, prefill in zip(cache, prefill_cache):
+            # the samples of a prompt all continue its one prefill; the slots after the prompt start at zero,
+            # so what an earlier call left there cannot reach this one (masked, but 0 * NaN is NaN)
+            tensor[:, :, :prompt_len].copy_(prefill.repeat_interleave(num_samples, 0))
+            tensor[:, :, prompt_len:].zero_()
+    del prefill_caches
     prompt_valid = F.pad(attention_mask.repeat_interleave(num_samples, 0), (0, max_new_tokens))  # (B, S)
     slots = torch.arange(n_slots, device=device)
     new_slot = slots >= prompt_len  # (S,)
@@ -501,9 +526,6 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         # dynamic: one compilation serves every batch size, cache length and window
         step_fn = _compiled_decode_step.setdefault(mode, torch.compile(decode_step, mode=mode, fullgraph=True,
                                                                        dynamic=True))
-        for cache in caches:  # written in place by the graph: a CUDA graph must read and write these very tensors
-            for tensor in cache:
-                torch._dynamo.mark_static_address(tensor, guard=False)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     new_tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
     done = torch.zeros(n_rows, dtype=torch.bool, device=device)

@@ -87,7 +87,7 @@ class Config:
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
     export_merged: str = ""  # at the end, write a merged HF checkpoint here
     seed: int = 0
-    toy_warm_start_steps: int = 800  # the toy world only: SFT steps that make its starting checkpoint
+    toy_warm_start_steps: int = 1600  # the toy world only: SFT steps that make its starting checkpoint
 
 
 # The toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
@@ -96,7 +96,7 @@ class Config:
 TOY_WORLD = dict(out_dir="out/toy", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=150,
                  batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=5, dtype="float32",
                  gradient_checkpointing=False, compile=False, eval_every=25, eval_k=4, eval_problems=200,
-                 save_every=50, keep_last=2, toy_warm_start_steps=800,
+                 save_every=50, keep_last=2, toy_warm_start_steps=1600,
                  # short prompts keep a 4-layer model's sequences short; the real templates are data.TEMPLATES
                  student_template="{problem}\nPut the final answer in \\boxed{}.",
                  teacher_template="{problem}\nReference solution:\n{solution}\n"

@@ -96,7 +96,7 @@ class Config:
 TOY_WORLD = dict(out_dir="out/toy", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=150,
                  batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=5, dtype="float32",
                  gradient_checkpointing=False, compile=False, eval_every=25, eval_k=4, eval_problems=200,
-                 save_every=50, keep_last=2, toy_warm_start_steps=1600,
+                 save_every=50, keep_last=2,
                  # short prompts keep a 4-layer model's sequences short; the real templates are data.TEMPLATES
                  student_template="{problem}\nPut the final answer in \\boxed{}.",
                  teacher_template="{problem}\nReference solution:\n{solution}\n"

@@ -236,6 +236,20 @@ def test_cache_equals_recomputing_the_prefix(tiny):
         assert rollout.tokens == sequence[len(prompt):]
 
 
+def test_sampler_ignores_what_earlier_calls_left_in_the_cache(tiny):
+    """The KV storage outlives a call; masked slots must not leak into the next call, not even a NaN."""
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    prompts = _prompts([4, 8])
+    expected = [r.tokens for r in M.generate(ours, prompts, 10, temperature=0)]
+    cache = M.kv_caches(ours.config, 2, 18, torch.float32, torch.device("cpu"), static=False)
+    assert cache[0][0].data_ptr() == M.kv_caches(ours.config, 2, 18, torch.float32, torch.device("cpu"),
+                                                 static=False)[0][0].data_ptr()  # a repeated shape reuses memory
+    for storage in M._kv_storage.values():
+        storage.fill_(float("nan"))
+    assert [r.tokens for r in M.generate(ours, prompts, 10, temperature=0)] == expected
+
+
 def test_first_token_frequencies_follow_softmax(tiny):
     from scipy.stats import chisquare
     path, _ = tiny

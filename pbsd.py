@@ -93,9 +93,9 @@ class Config:
 # The toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
 # built-in arithmetic word problems, warm-started by SFT on student and teacher prompts so that the student
 # is mediocre and the teacher (which reads the worked solution) is good; then PBSD through the same loop.
-TOY_WORLD = dict(out_dir="out/toy", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=150,
-                 batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=5, dtype="float32",
-                 gradient_checkpointing=False, compile=False, eval_every=25, eval_k=4, eval_problems=200,
+TOY_WORLD = dict(out_dir="out/toy", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=300,
+                 batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=30, dtype="float32",
+                 gradient_checkpointing=False, compile=False, eval_every=50, eval_k=4, eval_problems=200,
                  save_every=50, keep_last=2,
                  # short prompts keep a 4-layer model's sequences short; the real templates are data.TEMPLATES
                  student_template="{problem}\nPut the final answer in \\boxed{}.",

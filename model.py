@@ -500,21 +500,18 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         attention_mask[row, prompt_len - len(prompt):] = True
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    dtype = model.embed_tokens.weight.dtype
-    prefill_shape = (n_prompts, config.num_key_value_heads, prompt_len, config.head_dim)
-    prefill_caches = [(torch.empty(prefill_shape, dtype=dtype, device=device),
-                       torch.empty(prefill_shape, dtype=dtype, device=device)) for _ in model.layers]
-    hidden = model(input_ids, attention_mask=attention_mask, caches=prefill_caches,
+    caches = kv_caches(config, n_rows, n_slots, model.embed_tokens.weight.dtype, device, static=compile)
+    # the prefill writes each prompt's keys and values into the row of its first sample
+    prompt_rows = [(k[::num_samples, :, :prompt_len], v[::num_samples, :, :prompt_len]) for k, v in caches]
+    hidden = model(input_ids, attention_mask=attention_mask, caches=prompt_rows,
                    cache_index=torch.arange(prompt_len, device=device))
     logits = model.logits(hidden[:, -1]).float().repeat_interleave(num_samples, 0)  # (B, V)
-    caches = kv_caches(config, n_rows, n_slots, dtype, device, static=compile)
-    for cache, prefill_cache in zip(caches, prefill_caches):
-        for tensor, prefill in zip(cache, prefill_cache):
-            # the samples of a prompt all continue its one prefill; the slots after the prompt start at zero,
-            # so what an earlier call left there cannot reach this one (masked, but 0 * NaN is NaN)
-            tensor[:, :, :prompt_len].copy_(prefill.repeat_interleave(num_samples, 0))
-            tensor[:, :, prompt_len:].zero_()
-    del prefill_caches
+    for tensor in (t for cache in caches for t in cache):
+        by_prompt = tensor.view(n_prompts, num_samples, *tensor.shape[1:])  # (P, n, Hkv, S, hd)
+        by_prompt[:, 1:, :, :prompt_len] = by_prompt[:, :1, :, :prompt_len]  # the other samples share the prefill
+        # the slots after the prompt start at zero, so what an earlier call left there cannot reach this one
+        # (they are masked, but 0 * NaN is NaN)
+        tensor[:, :, prompt_len:].zero_()
     prompt_valid = F.pad(attention_mask.repeat_interleave(num_samples, 0), (0, max_new_tokens))  # (B, S)
     slots = torch.arange(n_slots, device=device)
     new_slot = slots >= prompt_len  # (S,)

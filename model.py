@@ -12,8 +12,10 @@ rotate-half RoPE, grouped-query attention, SwiGLU MLP, no biases.
 import json
 import math
 import os
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -430,16 +432,45 @@ def sample_token(logits, noise, temperature, top_k, top_p):
     return (probs / noise).argmax(-1)
 
 
-def decode_step(model, caches, token, position, cache_index, prompt_valid, new_slot, window):
+class DecodeState(NamedTuple):
     """
-    caches, one (k, v) pair per layer; token, position (B, 1); cache_index (1,); prompt_valid (B, S), the real
-    prompt slots; new_slot (S,), the slots after the prompt; window, how many slots to attend -> next-token
-    logits (B, V) fp32. Nothing but the caches is written, so the step can be replayed as a CUDA graph.
+    Everything a decode step reads and writes besides the weights and the KV cache, allocated once per call
+    shape and reused by every call of that shape: a CUDA graph replays on the addresses it recorded.
     """
-    written = new_slot[:window] & (torch.arange(window, device=new_slot.device) <= cache_index)  # (W,)
-    mask = (prompt_valid[:, :window] | written)[:, None, None, :]  # (B, 1, 1, W)
-    hidden = model(token, position_ids=position, caches=caches, cache_index=cache_index, mask=mask)
-    return model.logits(hidden[:, -1]).float()
+    token: torch.Tensor  # (B, 1) the last sampled token, fed to the next step
+    position: torch.Tensor  # (B, 1) its position (real tokens before it)
+    slot: torch.Tensor  # (1,) the cache slot its keys and values go to
+    column: torch.Tensor  # (1,) the column of new_tokens the next sampled token goes to
+    prompt_valid: torch.Tensor  # (B, S) the real prompt slots
+    new_slot: torch.Tensor  # (S,) the slots after the prompt
+    noise: torch.Tensor  # (B, V) fp32, Exp(1) draws for the next token, filled before each step
+    eos: torch.Tensor  # (E,) the ids that stop a row
+    new_tokens: torch.Tensor  # (B, N) the sampled tokens, -1 after a row's EOS
+    done: torch.Tensor  # (B,) whether a row has emitted an EOS
+
+
+def record_token(state, token):
+    """token (B,) -> written into new_tokens (as -1 for finished rows) and fed to the next step."""
+    state.new_tokens.index_copy_(1, state.column, token.masked_fill(state.done, -1)[:, None])
+    state.done.logical_or_(torch.isin(token, state.eos))
+    state.token.copy_(token[:, None])
+    state.column.add_(1)
+
+
+def decode_step(model, caches, state, window, temperature, top_k, top_p):
+    """
+    Feeds every row's last token, samples the next and records it, all in place: the step reads and writes only
+    the caches and the state, so it can be recorded once as a CUDA graph and replayed. window: how many cache
+    slots to attend.
+    """
+    attended = torch.arange(window, device=state.slot.device)
+    written = state.new_slot[:window] & (attended <= state.slot)  # (W,)
+    mask = (state.prompt_valid[:, :window] | written)[:, None, None, :]  # (B, 1, 1, W)
+    hidden = model(state.token, position_ids=state.position, caches=caches, cache_index=state.slot, mask=mask)
+    logits = model.logits(hidden[:, -1]).float()  # (B, V)
+    record_token(state, sample_token(logits, state.noise, temperature, top_k, top_p))
+    state.slot.add_(1)
+    state.position.add_(1)
 
 
 class Rollout(tuple):
@@ -453,27 +484,69 @@ class Rollout(tuple):
     finished = property(lambda self: self[1])
 
 
-_compiled_decode_step = {}
+_compiled_decode_step = []
 _kv_storage = {}  # (device, dtype) -> one flat buffer that every call's caches are views of
+# model -> {(weights, call shape): (DecodeState, {step kind: CUDA graph})}; dropped with the model
+_decoders = weakref.WeakKeyDictionary()
+_graph_pool = []  # one memory pool for every recorded graph: they never run at once and keep nothing between runs
 
 
-def kv_caches(config, n_rows, n_slots, dtype, device, static):
+def kv_caches(config, n_rows, n_slots, dtype, device):
     """
-    One (k, v) pair per layer, each (n_rows, Hkv, n_slots, hd), carved from storage that outlives the call. A CUDA
-    graph replays on the memory it recorded, so a call of a shape seen before must get the same addresses: fresh
-    caches would re-record every graph, every call. static tells torch.compile that these tensors never move.
+    One (k, v) pair per layer, each (n_rows, Hkv, n_slots, hd), carved from storage that outlives the call, so a
+    call of a shape seen before gets the same addresses and its recorded CUDA graphs still apply. When the storage
+    has to grow, every recorded graph points at freed memory and is dropped.
     """
     shape = (n_rows, config.num_key_value_heads, n_slots, config.head_dim)
     numel = 2 * config.num_hidden_layers * math.prod(shape)
     storage = _kv_storage.get((device, dtype))
     if storage is None or storage.numel() < numel:
+        _decoders.clear()
         storage = _kv_storage[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
     per_layer = storage[:numel].view(config.num_hidden_layers, 2, *shape)
-    caches = [(per_layer[i, 0], per_layer[i, 1]) for i in range(config.num_hidden_layers)]
-    if static:
-        for tensor in (t for cache in caches for t in cache):
-            torch._dynamo.mark_static_address(tensor, guard=False)
-    return caches
+    return [(per_layer[i, 0], per_layer[i, 1]) for i in range(config.num_hidden_layers)]
+
+
+def decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
+    """The DecodeState and recorded graphs for this model, these weights and this call shape."""
+    weights = tuple(p.data_ptr() for p in model.parameters())  # apply_lora and merge_lora change them
+    per_model = _decoders.setdefault(model, {})
+    key = (weights, n_rows, prompt_len, max_new_tokens, tuple(eos_ids))
+    if key not in per_model:
+        n_slots = prompt_len + max_new_tokens
+        state = DecodeState(
+            token=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
+            position=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
+            slot=torch.zeros(1, dtype=torch.long, device=device),
+            column=torch.zeros(1, dtype=torch.long, device=device),
+            prompt_valid=torch.zeros(n_rows, n_slots, dtype=torch.bool, device=device),
+            new_slot=torch.arange(n_slots, device=device) >= prompt_len,
+            noise=torch.ones(n_rows, model.config.vocab_size, device=device),
+            eos=torch.tensor(list(eos_ids), dtype=torch.long, device=device),
+            new_tokens=torch.empty(n_rows, max_new_tokens, dtype=torch.long, device=device),
+            done=torch.empty(n_rows, dtype=torch.bool, device=device))
+        per_model[key] = (state, {})
+    return per_model[key]
+
+
+def replay_or_record(graphs, kind, step):
+    """Runs step() as the CUDA graph recorded for this kind of step, recording it the first time."""
+    if kind in graphs:
+        graphs[kind].replay()
+        return
+    # the first step of a kind runs for real (compiling it) on a side stream, as capture wants warmed-up code;
+    # recording it then launches nothing
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs[kind] = torch.cuda.CUDAGraph()
+    if not _graph_pool:
+        _graph_pool.append(torch.cuda.graph_pool_handle())
+    with torch.cuda.graph(graphs[kind], pool=_graph_pool[0]):
+        step()
+
 
 
 @torch.no_grad()
@@ -481,14 +554,15 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
              num_samples=1, compile=False):
     """
     Samples num_samples continuations of each prompt (lists of token ids, any lengths), prefilling each prompt
-    once. Returns len(prompts) * num_samples Rollouts, the samples of a prompt next to each other.
+    once. Returns len(prompts) * num_samples Rollouts, the samples of a prompt next to each other. compile:
+    torch.compile the decode step, and on CUDA record it as CUDA graphs, so a step costs one graph launch.
     """
     device = model.embed_tokens.weight.device
     config = model.config
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
     n_prompts, prompt_len = len(prompts), max(len(p) for p in prompts)
-    if compile:  # every cache shape is a CUDA graph of its own: round up, so a run sees few shapes
+    if compile:  # every call shape has graphs of its own: round up, so a run sees few shapes
         prompt_len = -(-prompt_len // 64) * 64
     n_rows, n_slots = n_prompts * num_samples, prompt_len + max_new_tokens
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
@@ -500,7 +574,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         attention_mask[row, prompt_len - len(prompt):] = True
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    caches = kv_caches(config, n_rows, n_slots, model.embed_tokens.weight.dtype, device, static=compile)
+    caches = kv_caches(config, n_rows, n_slots, model.embed_tokens.weight.dtype, device)
+    state, graphs = decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device)
     # the prefill writes each prompt's keys and values into the row of its first sample
     prompt_rows = [(k[::num_samples, :, :prompt_len], v[::num_samples, :, :prompt_len]) for k, v in caches]
     hidden = model(input_ids, attention_mask=attention_mask, caches=prompt_rows,
@@ -512,37 +587,40 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         # the slots after the prompt start at zero, so what an earlier call left there cannot reach this one
         # (they are masked, but 0 * NaN is NaN)
         tensor[:, :, prompt_len:].zero_()
-    prompt_valid = F.pad(attention_mask.repeat_interleave(num_samples, 0), (0, max_new_tokens))  # (B, S)
-    slots = torch.arange(n_slots, device=device)
-    new_slot = slots >= prompt_len  # (S,)
-    position = attention_mask.sum(-1, keepdim=True).repeat_interleave(num_samples, 0)  # (B, 1)
+    state.prompt_valid.copy_(F.pad(attention_mask.repeat_interleave(num_samples, 0), (0, max_new_tokens)))
+    state.position.copy_(attention_mask.sum(-1, keepdim=True).repeat_interleave(num_samples, 0))
+    state.slot.fill_(prompt_len)
+    state.column.zero_()
+    state.new_tokens.fill_(-1)
+    state.done.zero_()
 
     step_fn = decode_step
     if compile:
-        mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
         # dynamic: one compilation serves every batch size, cache length and window
-        step_fn = _compiled_decode_step.setdefault(mode, torch.compile(decode_step, mode=mode, fullgraph=True,
-                                                                       dynamic=True))
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    new_tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
-    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        noise = torch.empty_like(logits).exponential_(generator=generator)
-        token = sample_token(logits, noise, temperature, top_k, top_p)
-        new_tokens[:, step] = token.masked_fill(done, -1)
-        done |= torch.isin(token, eos)
-        if step + 1 == max_new_tokens or (step % 32 == 31 and bool(done.all())):
+        if not _compiled_decode_step:
+            _compiled_decode_step.append(torch.compile(decode_step, fullgraph=True, dynamic=True))
+        step_fn = _compiled_decode_step[0]
+    lora_on = any(m.enabled for _, m in lora_modules(model))
+    if temperature > 0:
+        state.noise.exponential_(generator=generator)
+    record_token(state, sample_token(logits, state.noise, temperature, top_k, top_p))
+    for step in range(1, max_new_tokens):
+        if step % 32 == 0 and bool(state.done.all()):
             break
-        cache_index = slots[prompt_len + step:prompt_len + step + 1]
-        # the last slot is never written (the last token is sampled, not fed back), so the window stays
-        # below S and every window takes the same compiled branch
-        window = min(n_slots - 1, -(-(prompt_len + step + 1) // WINDOW) * WINDOW)
-        logits = step_fn(model, caches, token[:, None], position + step, cache_index, prompt_valid, new_slot,
-                         window)
+        # the step feeds token step-1 at slot prompt_len+step-1 and attends the slots up to it, rounded up; the
+        # last slot is never written (the last token is sampled, not fed back), so the window stays below S
+        window = min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW)
+        if temperature > 0:
+            state.noise.exponential_(generator=generator)
+        run = lambda: step_fn(model, caches, state, window, temperature, top_k, top_p)
+        if compile and device.type == "cuda":
+            replay_or_record(graphs, (window, temperature, top_k, top_p, lora_on), run)
+        else:
+            run()
 
     rollouts = []
     eos_set = set(eos_ids)
-    for row in new_tokens.tolist():
+    for row in state.new_tokens.tolist():
         tokens = row[:row.index(-1)] if -1 in row else row
         rollouts.append(Rollout(tokens, bool(tokens) and tokens[-1] in eos_set))
     return rollouts

@@ -92,7 +92,7 @@ def bench_sampler():
         hf_config = transformers.Qwen3Config(**shape, max_position_embeddings=prompt_len + new_tokens)
         with torch.device(DEVICE):
             hf = transformers.Qwen3ForCausalLM(hf_config).to(dtype).eval()
-        hf.model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+        hf.load_state_dict(qwen3.hf_tensors(model), strict=False)  # tied: no lm_head.weight, HF ties it
     except ImportError:
         pass
     rows = []

@@ -9,6 +9,7 @@ pre-norm blocks, RMSNorm computed in fp32, per-head RMSNorm on q and k before
 rotate-half RoPE, grouped-query attention, SwiGLU MLP, no biases.
 """
 
+import itertools
 import json
 import math
 import os
@@ -107,23 +108,42 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def part_rows(parts):
+    """[(name, size), ...] -> [(name, the slice of rows it holds), ...], stacked in order."""
+    starts = [0, *itertools.accumulate(size for _, size in parts)]
+    return [(name, slice(start, start + size)) for (name, size), start in zip(parts, starts)]
+
+
+class Projection(nn.Linear):
+    """
+    A bias-free linear that holds one or more of the checkpoint's projections of the same input, stacked by rows
+    (q, k, v; gate, up), so that they cost one matmul: at batch 1 a decode step is a chain of matrix-vector
+    products whose speed is the memory bandwidth, and one big one streams closer to it than three small ones.
+    parts: the HF names and output sizes, in row order; the loader and the adapters go by them.
+    """
+
+    def __init__(self, in_features, parts, device=None):
+        super().__init__(in_features, sum(size for _, size in parts), bias=False, device=device)
+        self.parts = parts
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                       config.head_dim)
-        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        self.qkv_proj = Projection(config.hidden_size, list(zip(("q_proj", "k_proj", "v_proj"), self.sizes)))
+        self.o_proj = Projection(self.n_head * self.head_dim, [("o_proj", config.hidden_size)])
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k_cache, v_cache = cache  # (B, Hkv, S, hd) each, written in place
@@ -146,12 +166,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Projection(config.hidden_size, [("gate_proj", config.intermediate_size),
+                                                            ("up_proj", config.intermediate_size)])
+        self.down_proj = Projection(config.intermediate_size, [("down_proj", config.hidden_size)])
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -168,7 +189,7 @@ class Block(nn.Module):
 
 
 class Qwen3(nn.Module):
-    """Module names follow the HF checkpoint keys (minus the leading 'model.'), so loading is a rename."""
+    """Module names follow the HF checkpoint keys (minus the leading 'model.'), but for the stacked projections."""
 
     def __init__(self, config):
         super().__init__()
@@ -219,6 +240,23 @@ def hf_key(name):
     return name if name.startswith("lm_head.") else "model." + name
 
 
+def hf_tensors(model):
+    """HF checkpoint key -> the tensor of ours that holds it: a parameter, or rows of a stacked projection."""
+    tensors = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        owner_name = name.rsplit(".", 1)[0]
+        owner = model.get_submodule(owner_name)
+        if isinstance(owner, (Projection, LoRALinear)):
+            parent = owner_name.rsplit(".", 1)[0]
+            for part, rows in part_rows(owner.parts):
+                tensors[hf_key(f"{parent}.{part}.weight")] = p[rows]
+        else:
+            tensors[hf_key(name)] = p
+    return tensors
+
+
 def _safetensors_files(path):
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index_path):
@@ -246,7 +284,7 @@ def load_qwen3(path, device="cpu", dtype=torch.bfloat16):
     with torch.device("meta"):
         model = Qwen3(config).to(dtype)
     model = model.to_empty(device=device)  # allocates one copy of the weights, in dtype, uninitialised
-    expected = {hf_key(name): p for name, p in model.named_parameters()}
+    expected = hf_tensors(model)
     seen = set()
     for file in _safetensors_files(path):
         try:
@@ -276,7 +314,7 @@ def save_qwen3(model, path):
     if lora_modules(model):
         raise ValueError("save_qwen3 writes base weights only: merge_lora(model) first, or save_lora the adapter")
     os.makedirs(path, exist_ok=True)
-    tensors = {hf_key(name): p.detach().contiguous().cpu() for name, p in model.named_parameters()}
+    tensors = {key: t.detach().to("cpu", copy=True) for key, t in hf_tensors(model).items()}
     atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(tensors, tmp,
                                                                                metadata={"format": "pt"}))
     atomic_write(os.path.join(path, "config.json"),
@@ -296,23 +334,32 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base, rank, alpha):
+    """
+    A frozen Projection with an adapter of its own on each targeted part (as PEFT puts one on each HF projection).
+    The parts' A matrices read the same input, so they are stacked: x A^T is one matmul for all of them.
+    """
+
+    def __init__(self, base, targets, rank, alpha):
         super().__init__()
         self.weight = base.weight  # frozen base weight, shared, not copied
-        self.scaling = alpha / rank
-        self.enabled = True
-        out_features, in_features = base.weight.shape
+        self.parts = base.parts
+        self.adapted = [(name, rows) for name, rows in part_rows(base.parts) if name in targets]
+        self.rank, self.scaling, self.enabled = rank, alpha / rank, True
+        device = base.weight.device
         # fp32 adapters on bf16 weights: AdamW updates of a small B would round away in bf16
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
+        self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, base.in_features, device=device))  # (P r, D)
+        self.lora_B = nn.ParameterList(torch.zeros(rows.stop - rows.start, rank, device=device)
+                                       for _, rows in self.adapted)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of each A: fan-in D all the same
 
     def forward(self, x):
         y = F.linear(x, self.weight)
         if not self.enabled:
             return y
-        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (self.scaling * update).to(y.dtype)
+        down = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., P r)
+        for (_, rows), down_part, lora_B in zip(self.adapted, down.split(self.rank, dim=-1), self.lora_B):
+            y[..., rows] += (self.scaling * F.linear(down_part, lora_B)).to(y.dtype)
+        return y
 
 
 def lora_modules(model):
@@ -321,13 +368,16 @@ def lora_modules(model):
 
 def apply_lora(model, rank=64, alpha=128, targets=LORA_TARGETS):
     """Swaps the targeted linears for LoRALinear in place; freezes everything else; returns the LoRA parameters."""
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown:
+        raise ValueError(f"LoRA targets {sorted(unknown)} are not projections of Qwen3 (those are {LORA_TARGETS})")
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         for child_name, child in module.named_children():
-            if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, rank, alpha))
+            if isinstance(child, Projection) and any(part in targets for part, _ in child.parts):
+                setattr(module, child_name, LoRALinear(child, targets, rank, alpha))
     model.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets))}
-    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
+    return [p for _, m in lora_modules(model) for p in (m.lora_A, *m.lora_B)]
 
 
 @contextmanager
@@ -345,13 +395,15 @@ def adapters_off(model):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Folds W += (alpha / r) B A into the base weights and turns each LoRALinear back into a plain Linear."""
+    """Folds W += (alpha / r) B A into the base weights and turns each LoRALinear back into a Projection."""
     for name, m in lora_modules(model):
         parent = model.get_submodule(name.rsplit(".", 1)[0])
-        linear = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=False, device="meta")
-        delta = m.scaling * (m.lora_B @ m.lora_A)
-        linear.weight = nn.Parameter((m.weight.float() + delta).to(m.weight.dtype), requires_grad=False)
-        setattr(parent, name.rsplit(".", 1)[1], linear)
+        weight = m.weight.float()
+        for (_, rows), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
+            weight[rows] += m.scaling * (lora_B @ lora_A)
+        projection = Projection(m.weight.shape[1], m.parts, device="meta")
+        projection.weight = nn.Parameter(weight.to(m.weight.dtype), requires_grad=False)
+        setattr(parent, name.rsplit(".", 1)[1], projection)
     return model
 
 
@@ -365,8 +417,10 @@ def save_lora(model, path, base_model_name_or_path=""):
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for name, m in lora_modules(model):
-        tensors[peft_key(name, "lora_A")] = m.lora_A.detach().contiguous().cpu()
-        tensors[peft_key(name, "lora_B")] = m.lora_B.detach().contiguous().cpu()
+        parent = name.rsplit(".", 1)[0]
+        for (part, _), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
+            tensors[peft_key(f"{parent}.{part}", "lora_A")] = lora_A.detach().to("cpu", copy=True)
+            tensors[peft_key(f"{parent}.{part}", "lora_B")] = lora_B.detach().to("cpu", copy=True)
     adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path":
                       base_model_name_or_path, **model.lora_config, "lora_dropout": 0.0, "bias": "none",
                       "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
@@ -392,12 +446,14 @@ def load_lora(model, path):
         with safe_open(weights_path, framework="pt", device="cpu") as f:
             stored = set(f.keys())
             for name, m in lora_modules(model):
-                for part in ("lora_A", "lora_B"):
-                    key = peft_key(name, part)
-                    if key not in stored:
-                        raise CheckpointError(f"{weights_path}: missing tensor {key!r}")
-                    with torch.no_grad():
-                        getattr(m, part).copy_(f.get_tensor(key))
+                parent = name.rsplit(".", 1)[0]
+                for (part, _), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
+                    for kind, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+                        key = peft_key(f"{parent}.{part}", kind)
+                        if key not in stored:
+                            raise CheckpointError(f"{weights_path}: missing tensor {key!r}")
+                        with torch.no_grad():
+                            tensor.copy_(f.get_tensor(key))
     except (SafetensorError, FileNotFoundError) as e:
         raise CheckpointError(f"{weights_path}: cannot read the adapter ({e})") from None
     return model

@@ -113,7 +113,9 @@ def test_lora_identity_grads_teacher_merge_and_roundtrip(tiny, tmp_path):
     ids = torch.randint(0, TINY["vocab_size"], (2, 8))
     base_logits = model.logits(model(ids))
     lora_params = M.apply_lora(model, rank=4, alpha=8)
-    assert len(lora_params) == 2 * 7 * TINY["num_hidden_layers"]
+    # an adapter on each of the seven projections (A matrices of q,k,v and of gate,up stacked): 4 A and 7 B a layer
+    assert sum(len(m.adapted) for _, m in M.lora_modules(model)) == 7 * TINY["num_hidden_layers"]
+    assert len(lora_params) == (4 + 7) * TINY["num_hidden_layers"]
     assert torch.equal(model.logits(model(ids)), base_logits)  # B = 0: unchanged
 
     model.logits(model(ids)).square().mean().backward()
@@ -690,6 +692,10 @@ def train_file(tmp_path_factory):
     return str(path)
 
 
+def _lora_Bs(model):
+    return [p for name, p in model.named_parameters() if "lora_B" in name]
+
+
 def _lora_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -699,7 +705,7 @@ def test_one_step_of_each_objective(tiny_with_tokenizer, train_file, tmp_path, l
     path, _ = tiny_with_tokenizer
     trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, loss=loss, gradient_checkpointing=True))
     with torch.no_grad():  # B = 0 leaves A without gradient; start from a non-zero B so both must move
-        for p in trainer.lora_params[1::2]:
+        for p in _lora_Bs(trainer.model):
             p.normal_(std=0.01)
     lora_before = _lora_state(trainer.model)
     base_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
@@ -926,7 +932,7 @@ def test_cuda_compiled_training_steps(tiny_with_tokenizer, train_file, tmp_path)
                                          steps=2, max_new_tokens=24))
     assert trainer.device.type == "cuda"
     with torch.no_grad():
-        for p in trainer.lora_params[1::2]:
+        for p in _lora_Bs(trainer.model):
             p.normal_(std=0.01)
     lora_before = _lora_state(trainer.model)
     trainer.train()

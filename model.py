@@ -206,6 +206,14 @@ class Qwen3(nn.Module):
         """(V, D): the output matrix, which is the embedding when tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def compile_blocks(self):
+        """
+        torch.compile each block for the training passes: eager, the fp32 norms, RoPE and SwiGLU are a string of
+        memory-bound kernels around every matmul. The blocks share their code, so one compilation serves all.
+        """
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+
     def logits(self, hidden):
         return hidden @ self.lm_head_weight.T  # (..., V)
 
@@ -346,7 +354,7 @@ class LoRALinear(nn.Module):
         self.adapted = [(name, rows) for name, rows in part_rows(base.parts) if name in targets]
         self.rank, self.scaling, self.enabled = rank, alpha / rank, True
         device = base.weight.device
-        # fp32 adapters on bf16 weights: AdamW updates of a small B would round away in bf16
+        # fp32 adapters on bf16 weights: AdamW updates of a small B would round away if stored in bf16
         self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, base.in_features, device=device))  # (P r, D)
         self.lora_B = nn.ParameterList(torch.zeros(rows.stop - rows.start, rank, device=device)
                                        for _, rows in self.adapted)
@@ -356,9 +364,10 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight)
         if not self.enabled:
             return y
-        down = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., P r)
+        # computed in the activation dtype, as autocast would: fp32 matmuls run at a fraction of the bf16 rate
+        down = F.linear(x, self.lora_A.to(x.dtype))  # (..., P r)
         for (_, rows), down_part, lora_B in zip(self.adapted, down.split(self.rank, dim=-1), self.lora_B):
-            y[..., rows] += (self.scaling * F.linear(down_part, lora_B)).to(y.dtype)
+            y[..., rows] += self.scaling * F.linear(down_part, lora_B.to(x.dtype))
         return y
 
 

@@ -553,7 +553,6 @@ _compiled_decode_step = []
 _kv_storage = {}  # (device, dtype) -> one flat buffer that every call's caches are views of
 # model -> {(weights, call shape): (DecodeState, {step kind: CUDA graph})}; dropped with the model
 _decoders = weakref.WeakKeyDictionary()
-_graph_pool = []  # one memory pool for every recorded graph: they never run at once and keep nothing between runs
 
 
 def kv_caches(config, n_rows, n_slots, dtype, device):
@@ -606,12 +605,11 @@ def replay_or_record(graphs, kind, step):
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream().wait_stream(side)
+    # the graphs of one call shape share a memory pool: they never run at once and keep nothing between runs
+    pool = next(iter(graphs.values())).pool() if graphs else None
     graphs[kind] = torch.cuda.CUDAGraph()
-    if not _graph_pool:
-        _graph_pool.append(torch.cuda.graph_pool_handle())
-    with torch.cuda.graph(graphs[kind], pool=_graph_pool[0]):
+    with torch.cuda.graph(graphs[kind], pool=pool):
         step()
-
 
 
 @torch.no_grad()

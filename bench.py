@@ -183,8 +183,6 @@ def bench_train():
     model = random_model(shape, dtype)
     model.gradient_checkpointing = CUDA
     lora = qwen3.apply_lora(model)
-    if CUDA:
-        model.compile_blocks()
     optimizer = torch.optim.AdamW(lora, lr=1e-5)
     student_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, prompt_len)).tolist()
     teacher_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, 2 * prompt_len)).tolist()

@@ -206,14 +206,6 @@ class Qwen3(nn.Module):
         """(V, D): the output matrix, which is the embedding when tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def compile_blocks(self):
-        """
-        torch.compile each block for the training passes: eager, the fp32 norms, RoPE and SwiGLU are a string of
-        memory-bound kernels around every matmul. The blocks share their code, so one compilation serves all.
-        """
-        for layer in self.layers:
-            layer.compile(dynamic=True)
-
     def logits(self, hidden):
         return hidden @ self.lm_head_weight.T  # (..., V)
 

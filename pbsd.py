@@ -76,7 +76,7 @@ class Config:
     grad_clip: float = 1.0
     dtype: str = "bfloat16"  # base weights; the LoRA parameters are always fp32
     gradient_checkpointing: bool = True
-    compile: bool = True  # torch.compile the blocks, the sampler's decode step and the loss kernels (on CUDA)
+    compile: bool = True  # torch.compile the sampler's decode step and the loss kernels (on CUDA)
     # evaluation, logging, checkpoints
     eval_every: int = 50
     eval_k: int = 12  # Avg@12 at temperature 1.0, as published
@@ -275,8 +275,6 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
         self.lora_params = qwen3.apply_lora(self.model, config.lora_rank, config.lora_alpha,
                                             tuple(config.lora_targets.split(",")))
-        if config.compile and self.device.type == "cuda":
-            self.model.compile_blocks()
         self.optimizer = torch.optim.AdamW(self.lora_params, lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_scale)
         self.tokenizer = data.load_tokenizer(config.model)

@@ -798,7 +798,7 @@ def test_ddp_two_ranks_match_one_process(tiny_with_tokenizer, train_file, tmp_pa
     config = _train_config(path, train_file, tmp_path / "ddp", steps=2, batch_size=4, micro_batch_size=2)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(repo=REPO, config=json.dumps(asdict(config))))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script)], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

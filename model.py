@@ -413,15 +413,21 @@ def peft_key(name, part):
     return f"base_model.model.{hf_key(name)}.{part}.weight"
 
 
-def save_lora(model, path, base_model_name_or_path=""):
-    """Writes a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically."""
-    os.makedirs(path, exist_ok=True)
+def peft_tensors(model):
+    """PEFT adapter key -> the tensor of ours that holds it: a B, or the rows of a stacked A."""
     tensors = {}
     for name, m in lora_modules(model):
         parent = name.rsplit(".", 1)[0]
         for (part, _), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
-            tensors[peft_key(f"{parent}.{part}", "lora_A")] = lora_A.detach().to("cpu", copy=True)
-            tensors[peft_key(f"{parent}.{part}", "lora_B")] = lora_B.detach().to("cpu", copy=True)
+            tensors[peft_key(f"{parent}.{part}", "lora_A")] = lora_A
+            tensors[peft_key(f"{parent}.{part}", "lora_B")] = lora_B
+    return tensors
+
+
+def save_lora(model, path, base_model_name_or_path=""):
+    """Writes a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically."""
+    os.makedirs(path, exist_ok=True)
+    tensors = {key: t.detach().to("cpu", copy=True) for key, t in peft_tensors(model).items()}
     adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path":
                       base_model_name_or_path, **model.lora_config, "lora_dropout": 0.0, "bias": "none",
                       "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
@@ -446,15 +452,11 @@ def load_lora(model, path):
     try:
         with safe_open(weights_path, framework="pt", device="cpu") as f:
             stored = set(f.keys())
-            for name, m in lora_modules(model):
-                parent = name.rsplit(".", 1)[0]
-                for (part, _), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
-                    for kind, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
-                        key = peft_key(f"{parent}.{part}", kind)
-                        if key not in stored:
-                            raise CheckpointError(f"{weights_path}: missing tensor {key!r}")
-                        with torch.no_grad():
-                            tensor.copy_(f.get_tensor(key))
+            for key, tensor in peft_tensors(model).items():
+                if key not in stored:
+                    raise CheckpointError(f"{weights_path}: missing tensor {key!r}")
+                with torch.no_grad():
+                    tensor.copy_(f.get_tensor(key))
     except (SafetensorError, FileNotFoundError) as e:
         raise CheckpointError(f"{weights_path}: cannot read the adapter ({e})") from None
     return model

@@ -273,8 +273,11 @@ class Trainer:
         self.model = qwen3.load_qwen3(config.model, self.device, getattr(torch, config.dtype))
         self.model.gradient_checkpointing = config.gradient_checkpointing
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
-        self.lora_params = qwen3.apply_lora(self.model, config.lora_rank, config.lora_alpha,
-                                            tuple(config.lora_targets.split(",")))
+        try:
+            self.lora_params = qwen3.apply_lora(self.model, config.lora_rank, config.lora_alpha,
+                                                tuple(config.lora_targets.split(",")))
+        except ValueError as e:
+            raise ConfigError(f"--lora_targets={config.lora_targets}: {e}") from None
         self.optimizer = torch.optim.AdamW(self.lora_params, lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_scale)
         self.tokenizer = data.load_tokenizer(config.model)

@@ -850,6 +850,9 @@ def test_bad_input_from_the_command_line(tiny_with_tokenizer, tmp_path):
     assert result.returncode != 0 and "checkpoint folder does not exist" in result.stderr
     result = _run_pbsd("--model=x", "--learning_rate=1")
     assert result.returncode != 0 and "unknown config key '--learning_rate=1'; valid keys:" in result.stderr
+    result = _run_pbsd(f"--model={path}", f"--data={tmp_path / 'x.jsonl'}", f"--out_dir={tmp_path}", "--dtype=float32",
+                       "--lora_targets=q_proj,qkv_proj")
+    assert result.returncode != 0 and "--lora_targets=q_proj,qkv_proj: LoRA targets ['qkv_proj'] are not" in result.stderr
     no_solution = _write(tmp_path / "no_solution.jsonl", json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
     result = _run_pbsd(f"--model={path}", f"--data={no_solution}", f"--out_dir={tmp_path}", "--dtype=float32")
     assert result.returncode != 0 and "row 1 has no 'solution'" in result.stderr

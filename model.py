@@ -493,8 +493,9 @@ def sample_token(logits, noise, temperature, top_k, top_p):
 
 class DecodeState(NamedTuple):
     """
-    Everything a decode step reads and writes besides the weights and the KV cache, allocated once per call
-    shape and reused by every call of that shape: a CUDA graph replays on the addresses it recorded.
+    Everything a decode step reads and writes besides the weights and the KV cache. With CUDA graphs it is
+    allocated once per call shape and reused by every call of that shape: a graph replays on the addresses it
+    recorded.
     """
     token: torch.Tensor  # (B, 1) the last sampled token, fed to the next step
     position: torch.Tensor  # (B, 1) its position (real tokens before it)
@@ -565,25 +566,28 @@ def kv_caches(config, n_rows, n_slots, dtype, device):
     return [(per_layer[i, 0], per_layer[i, 1]) for i in range(config.num_hidden_layers)]
 
 
-def decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
-    """The DecodeState and recorded graphs for this model, these weights and this call shape."""
+def decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
+    n_slots = prompt_len + max_new_tokens
+    return DecodeState(
+        token=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
+        position=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
+        slot=torch.zeros(1, dtype=torch.long, device=device),
+        column=torch.zeros(1, dtype=torch.long, device=device),
+        prompt_valid=torch.zeros(n_rows, n_slots, dtype=torch.bool, device=device),
+        new_slot=torch.arange(n_slots, device=device) >= prompt_len,
+        noise=torch.ones(n_rows, model.config.vocab_size, device=device),
+        eos=torch.tensor(list(eos_ids), dtype=torch.long, device=device),
+        new_tokens=torch.empty(n_rows, max_new_tokens, dtype=torch.long, device=device),
+        done=torch.empty(n_rows, dtype=torch.bool, device=device))
+
+
+def recorded_decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
+    """The DecodeState and the CUDA graphs recorded on it, for this model, these weights and this call shape."""
     weights = tuple(p.data_ptr() for p in model.parameters())  # apply_lora and merge_lora change them
     per_model = _decoders.setdefault(model, {})
     key = (weights, n_rows, prompt_len, max_new_tokens, tuple(eos_ids))
     if key not in per_model:
-        n_slots = prompt_len + max_new_tokens
-        state = DecodeState(
-            token=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
-            position=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
-            slot=torch.zeros(1, dtype=torch.long, device=device),
-            column=torch.zeros(1, dtype=torch.long, device=device),
-            prompt_valid=torch.zeros(n_rows, n_slots, dtype=torch.bool, device=device),
-            new_slot=torch.arange(n_slots, device=device) >= prompt_len,
-            noise=torch.ones(n_rows, model.config.vocab_size, device=device),
-            eos=torch.tensor(list(eos_ids), dtype=torch.long, device=device),
-            new_tokens=torch.empty(n_rows, max_new_tokens, dtype=torch.long, device=device),
-            done=torch.empty(n_rows, dtype=torch.bool, device=device))
-        per_model[key] = (state, {})
+        per_model[key] = (decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device), {})
     return per_model[key]
 
 
@@ -632,7 +636,11 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
     caches = kv_caches(config, n_rows, n_slots, model.embed_tokens.weight.dtype, device)
-    state, graphs = decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device)
+    use_graphs = compile and device.type == "cuda"
+    if use_graphs:
+        state, graphs = recorded_decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device)
+    else:  # nothing replays on its addresses, so nothing is kept: the eager path sees a new shape every call
+        state = decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device)
     # the prefill writes each prompt's keys and values into the row of its first sample
     prompt_rows = [(k[::num_samples, :, :prompt_len], v[::num_samples, :, :prompt_len]) for k, v in caches]
     hidden = model(input_ids, attention_mask=attention_mask, caches=prompt_rows,
@@ -670,7 +678,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         if temperature > 0:
             state.noise.exponential_(generator=generator)
         run = lambda: step_fn(model, caches, state, window, temperature, top_k, top_p)
-        if compile and device.type == "cuda":
+        if use_graphs:
             replay_or_record(graphs, (window, temperature, top_k, top_p, lora_on), run)
         else:
             run()

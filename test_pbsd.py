@@ -251,6 +251,9 @@ def test_sampler_ignores_what_earlier_calls_left_in_the_cache(tiny):
     for storage in M._kv_storage.values():
         storage.fill_(float("nan"))
     assert [r.tokens for r in M.generate(ours, prompts, 10, temperature=0)] == expected
+    # only CUDA graphs need a call shape's state kept; the eager path, with new prompt lengths each call, keeps none
+    M.generate(ours, _prompts([5, 11]), 10, temperature=0)
+    assert not M._decoders.get(ours)
     # every sample of a prompt continues its one prefill: greedy, each equals the prompt's own greedy rollout
     pairs = M.generate(ours, prompts, 10, temperature=0, num_samples=2)
     assert [r.tokens for r in pairs] == [tokens for tokens in expected for _ in range(2)]

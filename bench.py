@@ -124,6 +124,28 @@ def bench_sampler():
                 f"GB/s of the weights + written KV read per step",
                 ["batch", "new tok/s", "GB/s", "of H100 roofline", "transformers tok/s", "speed-up"], rows)
 
+    # a PBSD step samples the student (LoRA on) and the teacher (LoRA off, a longer prompt with the solution):
+    # as two calls, or as one batch that switches the adapters per row
+    qwen3.apply_lora(model)
+    rows = []
+    for batch in batches[:2]:
+        student = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
+        teacher = torch.randint(0, shape["vocab_size"], (batch, 2 * prompt_len)).tolist()
+
+        def two_calls():
+            qwen3.generate(model, student, new_tokens, seed=0, compile=CUDA)
+            with qwen3.adapters_off(model):
+                qwen3.generate(model, teacher, new_tokens, seed=1, compile=CUDA)
+
+        one_batch = lambda: qwen3.generate(model, student + teacher, new_tokens, seed=0, compile=CUDA,
+                                           adapters=[True] * batch + [False] * batch)
+        separate, together = timed(two_calls, repeats=2), timed(one_batch, repeats=2)
+        rows.append([batch, f"{2 * batch * new_tokens / separate:,.0f}", f"{2 * batch * new_tokens / together:,.0f}",
+                     f"{separate / together:.2f}x"])
+    print_table(f"sampler, both roles with LoRA r=64: {prompt_len}-token student and {2 * prompt_len}-token teacher "
+                f"prompts, {new_tokens} new tokens each", ["prompts per role", "two calls tok/s", "one batch tok/s",
+                                                          "speed-up"], rows)
+
 
 def naive_token_logprobs(hidden, weight, targets):
     logits = (hidden @ weight.T).float()  # (N, V): the tensor the kernels never hold
@@ -187,11 +209,10 @@ def bench_train():
     student_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, prompt_len)).tolist()
     teacher_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, 2 * prompt_len)).tolist()
 
-    def generation():
-        student = qwen3.generate(model, student_prompts, new_tokens, seed=0, compile=CUDA)
-        with qwen3.adapters_off(model):
-            teacher = qwen3.generate(model, teacher_prompts, new_tokens, seed=1, compile=CUDA)
-        return [r.tokens for r in student + teacher]
+    def generation():  # as the loop samples: both roles in one batch
+        rollouts = qwen3.generate(model, student_prompts + teacher_prompts, new_tokens, seed=0, compile=CUDA,
+                                  adapters=[True] * prompts_per_step + [False] * prompts_per_step)
+        return [r.tokens for r in rollouts]
 
     responses = generation()
 

@@ -2,7 +2,8 @@
 Qwen3, written by hand: the model, its loader for HF checkpoint folders, in-place LoRA,
 and a batched KV-cache sampler. One set of weights plays both roles of self-distillation:
 the student is the model with its LoRA adapters on, the teacher is the same model with
-them off (`adapters_off`), so the teacher never costs a second copy of the weights.
+them off (`adapters_off`), so the teacher never costs a second copy of the weights, and the sampler can
+draw both roles' rollouts in one batch, switching the adapters per row (`adapters_on_rows`).
 
 The architecture follows transformers' Qwen3 exactly (the tests compare logits):
 pre-norm blocks, RMSNorm computed in fp32, per-head RMSNorm on q and k before
@@ -345,6 +346,7 @@ class LoRALinear(nn.Module):
         self.parts = base.parts
         self.adapted = [(name, rows) for name, rows in part_rows(base.parts) if name in targets]
         self.rank, self.scaling, self.enabled = rank, alpha / rank, True
+        self.adapter_rows = None  # (B, 1, 1): 1 on the rows that use the adapter, 0 on the rest; None: every row
         device = base.weight.device
         # fp32 adapters on bf16 weights: AdamW updates of a small B would round away if stored in bf16
         self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, base.in_features, device=device))  # (P r, D)
@@ -357,7 +359,9 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         # computed in the activation dtype, as autocast would: fp32 matmuls run at a fraction of the bf16 rate
-        down = F.linear(x, self.lora_A.to(x.dtype))  # (..., P r)
+        down = F.linear(x, self.lora_A.to(x.dtype))  # (B, T, P r)
+        if self.adapter_rows is not None:
+            down = down * self.adapter_rows  # 0 on a teacher row: its output is the base projection's, exactly
         for (_, rows), down_part, lora_B in zip(self.adapted, down.split(self.rank, dim=-1), self.lora_B):
             y[..., rows] += self.scaling * F.linear(down_part, lora_B.to(x.dtype))
         return y
@@ -382,16 +386,30 @@ def apply_lora(model, rank=64, alpha=128, targets=LORA_TARGETS):
 
 
 @contextmanager
-def adapters_off(model):
-    """The teacher: the frozen base model, through the same weights, with no copy."""
+def lora_setting(model, name, value, restored):
+    """Sets attribute `name` of every LoRALinear to value for the duration, then to restored."""
     modules = [m for _, m in lora_modules(model)]
     for m in modules:
-        m.enabled = False
+        setattr(m, name, value)
     try:
         yield model
     finally:
         for m in modules:
-            m.enabled = True
+            setattr(m, name, restored)
+
+
+def adapters_off(model):
+    """The teacher: the frozen base model, through the same weights, with no copy."""
+    return lora_setting(model, "enabled", False, True)
+
+
+def adapters_on_rows(model, adapter_rows):
+    """
+    Both roles in one batch: adapter_rows (B, 1, 1) is 1 on the student's rows (adapters on) and 0 on the
+    teacher's (off). At small batches a forward costs what reading the weights costs, so the two roles
+    sampled together cost about one of them sampled alone.
+    """
+    return lora_setting(model, "adapter_rows", adapter_rows, None)
 
 
 @torch.no_grad()
@@ -507,6 +525,7 @@ class DecodeState(NamedTuple):
     eos: torch.Tensor  # (E,) the ids that stop a row
     new_tokens: torch.Tensor  # (B, N) the sampled tokens, -1 after a row's EOS
     done: torch.Tensor  # (B,) whether a row has emitted an EOS
+    adapter_rows: torch.Tensor  # (B, 1, 1) 1 on the rows sampled with the LoRA adapters on, 0 with them off
 
 
 def record_token(state, token):
@@ -578,7 +597,8 @@ def decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
         noise=torch.ones(n_rows, model.config.vocab_size, device=device),
         eos=torch.tensor(list(eos_ids), dtype=torch.long, device=device),
         new_tokens=torch.empty(n_rows, max_new_tokens, dtype=torch.long, device=device),
-        done=torch.empty(n_rows, dtype=torch.bool, device=device))
+        done=torch.empty(n_rows, dtype=torch.bool, device=device),
+        adapter_rows=torch.ones(n_rows, 1, 1, dtype=model.embed_tokens.weight.dtype, device=device))
 
 
 def recorded_decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
@@ -612,20 +632,30 @@ def replay_or_record(graphs, kind, step):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(), seed=None,
-             num_samples=1, compile=False):
+             num_samples=1, adapters=None, compile=False):
     """
-    Samples num_samples continuations of each prompt (lists of token ids, any lengths), prefilling each prompt
-    once. Returns len(prompts) * num_samples Rollouts, the samples of a prompt next to each other. compile:
-    torch.compile the decode step, and on CUDA record it as CUDA graphs, so a step costs one graph launch.
+    Samples continuations of each prompt (lists of token ids, any lengths), prefilling each prompt once.
+    num_samples: how many per prompt, one number or one per prompt. adapters: None samples every prompt with the
+    model as it is; a bool per prompt samples it with the LoRA adapters on (the student) or off (the teacher),
+    both roles in one batch. Returns one Rollout per sample, the samples of a prompt next to each other, in
+    prompt order. compile: torch.compile the decode step, and on CUDA record it as CUDA graphs, so a step costs
+    one graph launch.
     """
     device = model.embed_tokens.weight.device
     config = model.config
+    n_prompts = len(prompts)
+    samples = [num_samples] * n_prompts if isinstance(num_samples, int) else list(num_samples)
+    if len(samples) != n_prompts or min(samples) < 1:
+        raise ValueError(f"generate: num_samples must be a positive count, or one per prompt; got {num_samples}")
+    if adapters is not None and len(adapters) != n_prompts:
+        raise ValueError(f"generate: adapters needs one bool per prompt ({n_prompts}), got {len(adapters)}")
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
-    n_prompts, prompt_len = len(prompts), max(len(p) for p in prompts)
+    prompt_len = max(len(p) for p in prompts)
     if compile:  # every call shape has graphs of its own: round up, so a run sees few shapes
         prompt_len = -(-prompt_len // 64) * 64
-    n_rows, n_slots = n_prompts * num_samples, prompt_len + max_new_tokens
+    n_rows, n_slots = sum(samples), prompt_len + max_new_tokens
+    row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
 
     input_ids = torch.zeros(n_prompts, prompt_len, dtype=torch.long)
@@ -634,30 +664,35 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         input_ids[row, prompt_len - len(prompt):] = torch.tensor(prompt)
         attention_mask[row, prompt_len - len(prompt):] = True
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    dtype = model.embed_tokens.weight.dtype
+    prompt_adapters = None if adapters is None else torch.tensor(adapters, dtype=dtype, device=device)[:, None, None]
 
-    caches = kv_caches(config, n_rows, n_slots, model.embed_tokens.weight.dtype, device)
+    caches = kv_caches(config, n_rows, n_slots, dtype, device)
     use_graphs = compile and device.type == "cuda"
     if use_graphs:
         state, graphs = recorded_decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device)
     else:  # nothing replays on its addresses, so nothing is kept: the eager path sees a new shape every call
         state = decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device)
-    # the prefill writes each prompt's keys and values into the row of its first sample
-    prompt_rows = [(k[::num_samples, :, :prompt_len], v[::num_samples, :, :prompt_len]) for k, v in caches]
-    hidden = model(input_ids, attention_mask=attention_mask, caches=prompt_rows,
-                   cache_index=torch.arange(prompt_len, device=device))
-    logits = model.logits(hidden[:, -1]).float().repeat_interleave(num_samples, 0)  # (B, V)
+    # the prefill writes prompt p's keys and values into cache row p, then every sample's row gets a copy of its
+    # prompt's (the indexed right-hand side is a copy, so rows may overlap)
+    prompt_rows = [(k[:n_prompts, :, :prompt_len], v[:n_prompts, :, :prompt_len]) for k, v in caches]
+    with adapters_on_rows(model, prompt_adapters):
+        hidden = model(input_ids, attention_mask=attention_mask, caches=prompt_rows,
+                       cache_index=torch.arange(prompt_len, device=device))
+    logits = model.logits(hidden[:, -1]).float()[row_prompt]  # (B, V)
     for tensor in (t for cache in caches for t in cache):
-        by_prompt = tensor.view(n_prompts, num_samples, *tensor.shape[1:])  # (P, n, Hkv, S, hd)
-        by_prompt[:, 1:, :, :prompt_len] = by_prompt[:, :1, :, :prompt_len]  # the other samples share the prefill
+        tensor[:, :, :prompt_len] = tensor[:n_prompts, :, :prompt_len][row_prompt]
         # the slots after the prompt start at zero, so what an earlier call left there cannot reach this one
         # (they are masked, but 0 * NaN is NaN)
         tensor[:, :, prompt_len:].zero_()
-    state.prompt_valid.copy_(F.pad(attention_mask.repeat_interleave(num_samples, 0), (0, max_new_tokens)))
-    state.position.copy_(attention_mask.sum(-1, keepdim=True).repeat_interleave(num_samples, 0))
+    state.prompt_valid.copy_(F.pad(attention_mask[row_prompt], (0, max_new_tokens)))
+    state.position.copy_(attention_mask.sum(-1, keepdim=True)[row_prompt])
     state.slot.fill_(prompt_len)
     state.column.zero_()
     state.new_tokens.fill_(-1)
     state.done.zero_()
+    if adapters is not None:
+        state.adapter_rows.copy_(prompt_adapters[row_prompt])
 
     step_fn = decode_step
     if compile:
@@ -669,19 +704,20 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     if temperature > 0:
         state.noise.exponential_(generator=generator)
     record_token(state, sample_token(logits, state.noise, temperature, top_k, top_p))
-    for step in range(1, max_new_tokens):
-        if step % 32 == 0 and bool(state.done.all()):
-            break
-        # the step feeds token step-1 at slot prompt_len+step-1 and attends the slots up to it, rounded up; the
-        # last slot is never written (the last token is sampled, not fed back), so the window stays below S
-        window = min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW)
-        if temperature > 0:
-            state.noise.exponential_(generator=generator)
-        run = lambda: step_fn(model, caches, state, window, temperature, top_k, top_p)
-        if use_graphs:
-            replay_or_record(graphs, (window, temperature, top_k, top_p, lora_on), run)
-        else:
-            run()
+    with adapters_on_rows(model, None if adapters is None else state.adapter_rows):
+        for step in range(1, max_new_tokens):
+            if step % 32 == 0 and bool(state.done.all()):
+                break
+            # the step feeds token step-1 at slot prompt_len+step-1 and attends the slots up to it, rounded up;
+            # the last slot is never written (the last token is sampled, not fed back), so the window stays below S
+            window = min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW)
+            if temperature > 0:
+                state.noise.exponential_(generator=generator)
+            run = lambda: step_fn(model, caches, state, window, temperature, top_k, top_p)
+            if use_graphs:
+                replay_or_record(graphs, (window, temperature, top_k, top_p, lora_on, adapters is not None), run)
+            else:
+                run()
 
     rollouts = []
     eos_set = set(eos_ids)

@@ -255,9 +255,9 @@ def sequence_sums(token_values, rows, n_rows):
     return torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add_(0, rows, token_values)
 
 
-def rollout_seed(seed, step, micro_batch, is_teacher):
+def rollout_seed(seed, step, micro_batch):
     # a function of the global micro-batch, not the rank: 2 ranks x 1 micro-batch sample what 1 rank x 2 does
-    return ((seed * 1_000_003 + step) * 1_009 + micro_batch) * 2 + int(is_teacher)
+    return (seed * 1_000_003 + step) * 1_009 + micro_batch
 
 
 class Trainer:
@@ -350,12 +350,20 @@ class Trainer:
 
     # -- one micro-batch: rollouts, rewards, scoring, loss, backward
 
-    def rollouts(self, prompts, n, seed, teacher):
+    def rollouts(self, student_prompts, teacher_prompts, seed):
+        """
+        n_student rollouts of each student prompt (LoRA on) and n_teacher of each teacher prompt (LoRA off), sampled
+        in one batch: a decode step reads the weights once for both roles.
+        """
         config = self.config
-        with qwen3.adapters_off(self.model) if teacher else nullcontext():
-            return qwen3.generate(self.model, prompts, config.max_new_tokens, temperature=config.temperature,
-                                  top_p=config.top_p, eos_ids=self.tokenizer.eos_ids, seed=seed,
-                                  num_samples=n, compile=config.compile)
+        rollouts = qwen3.generate(self.model, student_prompts + teacher_prompts, config.max_new_tokens,
+                                  temperature=config.temperature, top_p=config.top_p, eos_ids=self.tokenizer.eos_ids,
+                                  seed=seed, compile=config.compile,
+                                  num_samples=[config.n_student] * len(student_prompts) +
+                                              [config.n_teacher] * len(teacher_prompts),
+                                  adapters=[True] * len(student_prompts) + [False] * len(teacher_prompts))
+        n_student = config.n_student * len(student_prompts)
+        return rollouts[:n_student], rollouts[n_student:]
 
     def score(self, prompts, responses, teacher):
         """
@@ -390,8 +398,10 @@ class Trainer:
             (loss / self.accumulation).backward()
             return loss.item()
 
-        student_rollouts = self.rollouts([self.student_prompts[i] for i in indices], config.n_student,
-                                         rollout_seed(config.seed, step, global_micro, False), teacher=False)
+        student_rollouts, teacher_rollouts = self.rollouts(
+            [self.student_prompts[i] for i in indices],
+            [self.teacher_prompts[i] for i in indices] if config.loss == "pbsd" else [],
+            rollout_seed(config.seed, step, global_micro))
         student_rewards, texts = self.grade(student_rollouts, [e for e in examples for _ in range(config.n_student)],
                                             "student", stats)
         stats.add_ratio("uncertainty_per_1k", evaluation.uncertainty_count(texts),
@@ -400,8 +410,6 @@ class Trainer:
         student_prompts = [self.student_prompts[i] for i in indices for _ in range(config.n_student)]
         teacher_prompts = [self.teacher_prompts[i] for i in indices for _ in range(config.n_student)]
         if config.loss == "pbsd":
-            teacher_rollouts = self.rollouts([self.teacher_prompts[i] for i in indices], config.n_teacher,
-                                             rollout_seed(config.seed, step, global_micro, True), teacher=True)
             teacher_rewards, _ = self.grade(teacher_rollouts, [e for e in examples for _ in range(config.n_teacher)],
                                             "teacher", stats)
             # score the teacher samples too, both models, each with its own prompt

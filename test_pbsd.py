@@ -338,6 +338,31 @@ def test_sampler_with_lora_and_as_teacher(tiny):
         assert rollout.tokens == expected
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_student_and_teacher_in_one_batch(tiny, compile):
+    """Both roles in one call, with their own sample counts, equal each role sampled alone."""
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    for p in M.apply_lora(ours, rank=4, alpha=64):
+        torch.nn.init.normal_(p, std=0.5)
+    student_prompts, teacher_prompts = _prompts([4, 7], seed=3), _prompts([12, 9], seed=4)
+    student = M.generate(ours, student_prompts, 10, temperature=0, num_samples=2)
+    with M.adapters_off(ours):
+        teacher = M.generate(ours, teacher_prompts, 10, temperature=0)
+    assert student[::2] != teacher  # the roles differ, so mixing them up would show
+    both = M.generate(ours, student_prompts + teacher_prompts, 10, temperature=0, num_samples=[2, 2, 1, 1],
+                      adapters=[True, True, False, False], compile=compile)
+    assert both == student + teacher
+    # sampled: the rows of one prompt draw apart, and a seed makes the call reproducible
+    drawn = M.generate(ours, student_prompts + teacher_prompts, 10, seed=5, num_samples=[3, 1, 1, 2],
+                       adapters=[True, True, False, False])
+    assert len(drawn) == 7 and drawn[0] != drawn[1]
+    assert drawn == M.generate(ours, student_prompts + teacher_prompts, 10, seed=5, num_samples=[3, 1, 1, 2],
+                               adapters=[True, True, False, False])
+    with pytest.raises(ValueError, match="one per prompt"):
+        M.generate(ours, student_prompts, 10, num_samples=[1, 0])
+
+
 # ---- kernels.py against naive float64 implementations
 
 
@@ -909,6 +934,9 @@ def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):
             with role():
                 assert M.generate(ours, prompts, 40, temperature=0, compile=True) == M.generate(
                     ours, prompts, 40, temperature=0)
+        # both roles in one batch: a graph of its own, reading which rows are whose from the call's state
+        mixed = dict(num_samples=[2, 1, 1], adapters=[True, False, True], temperature=0)
+        assert M.generate(ours, prompts, 40, compile=True, **mixed) == M.generate(ours, prompts, 40, **mixed)
 
 
 @needs_cuda

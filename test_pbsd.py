@@ -326,16 +326,24 @@ def test_sampler_with_lora_and_as_teacher(tiny):
     ours = M.load_qwen3(path, dtype=torch.float32)
     prompts = _prompts([4, 7])
     base = M.generate(ours, prompts, 8, temperature=0)
-    for p in M.apply_lora(ours, rank=4, alpha=64):
-        torch.nn.init.normal_(p, std=0.5)
-    with M.adapters_off(ours):
-        assert M.generate(ours, prompts, 8, temperature=0) == base
-    student = M.generate(ours, prompts, 8, temperature=0)
-    assert student != base
-    for prompt, rollout in zip(prompts, student):  # the cache path with LoRA on equals a plain forward
-        sequence = prompt + rollout.tokens
-        expected = ours.logits(ours(torch.tensor([sequence])))[0, len(prompt) - 1:-1].argmax(-1).tolist()
-        assert rollout.tokens == expected
+    lora = M.apply_lora(ours, rank=4, alpha=64)
+    students = []
+    # twice: the sampler's cast copies of the adapters follow the parameters as the optimizer changes them
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in lora:
+                torch.nn.init.normal_(p, std=0.5)
+        with M.adapters_off(ours):
+            assert M.generate(ours, prompts, 8, temperature=0) == base
+        student = M.generate(ours, prompts, 8, temperature=0)
+        assert student != base
+        for prompt, rollout in zip(prompts, student):  # the cache path with LoRA on equals a plain forward
+            sequence = prompt + rollout.tokens
+            expected = ours.logits(ours(torch.tensor([sequence])))[0, len(prompt) - 1:-1].argmax(-1).tolist()
+            assert rollout.tokens == expected
+        students.append(student)
+    assert students[0] != students[1]
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -204,6 +204,8 @@ def bench_train():
     kernels.compile_kernels = CUDA
     model = random_model(shape, dtype)
     model.gradient_checkpointing = CUDA
+    if CUDA:
+        qwen3.compile_blocks(model)
     lora = qwen3.apply_lora(model)
     optimizer = torch.optim.AdamW(lora, lr=1e-5)
     student_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, prompt_len)).tolist()

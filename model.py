@@ -201,6 +201,7 @@ class Qwen3(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward: activations of one block, not all
+        self.run_block = Block.__call__  # how the passes over whole sequences run a block; see compile_blocks
 
     @property
     def lm_head_weight(self):
@@ -230,11 +231,26 @@ class Qwen3(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            if caches is not None:  # the sampler's: its decode step compiles whole
+                x = layer(x, cos, sin, mask, caches[i], cache_index)
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self.run_block, layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_index)
+                x = self.run_block(layer, x, cos, sin, mask)
         return self.norm(x)
+
+
+def compile_blocks(model):
+    """
+    torch.compiles the blocks of the passes over whole sequences (scoring and training). Eager, a block's
+    elementwise work (the fp32 RMSNorms, RoPE, SwiGLU, residuals; in forward, recomputation and backward) moves
+    2.1 MB per token through memory at the Qwen3-1.7B shape with LoRA, against 330 MFLOP of matmuls (counted op
+    by op): at an H100's datasheet rates, 0.63 us of memory traffic against 0.34 us of matmul. Compiled, it fuses
+    into a few passes. One compilation serves every layer and sequence length; grad mode and the adapters' switch
+    are a few variants more.
+    """
+    model.run_block = torch.compile(Block.__call__, dynamic=True)
+    return model
 
 
 def hf_key(name):

@@ -76,7 +76,7 @@ class Config:
     grad_clip: float = 1.0
     dtype: str = "bfloat16"  # base weights; the LoRA parameters are always fp32
     gradient_checkpointing: bool = True
-    compile: bool = True  # torch.compile the sampler's decode step and the loss kernels (on CUDA)
+    compile: bool = True  # torch.compile the sampler's decode step, the blocks and the loss kernels (on CUDA)
     # evaluation, logging, checkpoints
     eval_every: int = 50
     eval_k: int = 12  # Avg@12 at temperature 1.0, as published
@@ -272,6 +272,8 @@ class Trainer:
 
         self.model = qwen3.load_qwen3(config.model, self.device, getattr(torch, config.dtype))
         self.model.gradient_checkpointing = config.gradient_checkpointing
+        if config.compile and self.device.type == "cuda":
+            qwen3.compile_blocks(self.model)
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
         try:
             self.lora_params = qwen3.apply_lora(self.model, config.lora_rank, config.lora_alpha,

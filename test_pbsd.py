@@ -23,6 +23,9 @@ import pbsd
 torch.set_num_threads(2)
 K.compile_kernels = False  # eager everywhere but the one test that compiles
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
             tie_word_embeddings=True)
@@ -319,6 +322,46 @@ def test_compiled_sampler_equals_eager_and_compiles_once(tiny, monkeypatch):
         compiled = M.generate(ours, prompts, 20, temperature=0, compile=True)
         assert compiled == M.generate(ours, prompts, 20, temperature=0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_compiled_blocks_equal_eager_and_compile_once(tiny, device):
+    """
+    compile_blocks: the student's hidden states and LoRA gradients (with gradient checkpointing) and the teacher's
+    hidden states equal eager ones; one compilation serves every layer and sequence length; the sampler keeps its
+    own path.
+    """
+    from torch._dynamo.utils import counters
+    path, _ = tiny
+    eager, compiled = (M.load_qwen3(path, device=device, dtype=torch.float32) for _ in range(2))
+    for model in (eager, compiled):
+        torch.manual_seed(0)
+        for p in M.apply_lora(model, rank=4, alpha=8):
+            torch.nn.init.normal_(p, std=0.1)
+        model.gradient_checkpointing = True
+    torch._dynamo.reset()
+    counters.clear()
+    M.compile_blocks(compiled)
+    for batch, length in ((2, 9), (3, 17)):
+        ids = torch.randint(0, TINY["vocab_size"], (batch, length), device=device)
+        results = []
+        for model in (eager, compiled):
+            hidden = model(ids)
+            hidden.square().mean().backward()
+            lora = [p for _, m in M.lora_modules(model) for p in m.parameters() if p.requires_grad]
+            grads = [p.grad for p in lora]
+            for p in lora:
+                p.grad = None
+            with torch.no_grad(), M.adapters_off(model):
+                teacher = model(ids)
+            results.append((hidden.detach(), teacher, *grads))
+        for want, got in zip(*results):
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # the first block (its input needs no gradient) and the others under grad, and the teacher without
+    assert counters["stats"]["unique_graphs"] == 3
+    prompts = _prompts([4, 7])
+    assert M.generate(compiled, prompts, 8, temperature=0) == M.generate(eager, prompts, 8, temperature=0)
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 def test_sampler_with_lora_and_as_teacher(tiny):
@@ -917,9 +960,6 @@ def test_toy_world_shortened(tmp_path):
 
 
 # ---- on a GPU only (skipped on the CPU machine): the compiled and CUDA-graph paths
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-
 
 @needs_cuda
 def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):

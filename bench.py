@@ -4,6 +4,7 @@ Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a 
     python bench.py sampler   # new tokens/s and GB/s of the KV-cache sampler, against transformers' generate
     python bench.py kernels   # peak memory and time of the chunked loss kernels against full-logits versions
     python bench.py train     # one PBSD step: rollout tokens/s, trained tokens/s, MFU, generation vs training
+    python bench.py profile   # the top kernels of the decode steps at batch 1 and of a training step, and traces
     python bench.py toy       # the toy world: every objective, three seeds, same warm start and budget
 
 Results print as tables; `toy` also writes out/bench_toy/results.json and comparison.png.
@@ -195,8 +196,11 @@ def bench_kernels():
                 ["kernel", "ms", "peak extra GiB", "TFLOP/s"], rows)
 
 
-def bench_train():
-    """One PBSD step on prompts of random tokens: the generation and the scoring/backward, timed apart."""
+def pbsd_step():
+    """
+    A PBSD step on prompts of random tokens, as two functions: generation() samples both roles in one batch, as
+    the loop does; training() scores the rollouts with both models and takes the optimizer step.
+    """
     import pbsd
     shape = QWEN3_1_7B if CUDA else CPU_SHAPE
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -210,13 +214,12 @@ def bench_train():
     optimizer = torch.optim.AdamW(lora, lr=1e-5)
     student_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, prompt_len)).tolist()
     teacher_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, 2 * prompt_len)).tolist()
+    responses = []
 
-    def generation():  # as the loop samples: both roles in one batch
+    def generation():
         rollouts = qwen3.generate(model, student_prompts + teacher_prompts, new_tokens, seed=0, compile=CUDA,
                                   adapters=[True] * prompts_per_step + [False] * prompts_per_step)
-        return [r.tokens for r in rollouts]
-
-    responses = generation()
+        responses[:] = [r.tokens for r in rollouts]
 
     def training():
         weight = model.lm_head_weight
@@ -235,11 +238,20 @@ def bench_train():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    generation_seconds = timed(generation, repeats=1)
-    training_seconds = timed(training, repeats=2)
+    generation()
+    return dict(model=model, generation=generation, training=training, responses=responses,
+                student_prompts=student_prompts, teacher_prompts=teacher_prompts, new_tokens=new_tokens)
+
+
+def bench_train():
+    """One PBSD step: the generation and the scoring/backward, timed apart."""
+    step = pbsd_step()
+    model, responses = step["model"], step["responses"]
+    generation_seconds = timed(step["generation"], repeats=1)
+    training_seconds = timed(step["training"], repeats=2)
     new = sum(len(r) for r in responses)
-    trained = sum(len(p) for p in student_prompts) * 2 + new  # student forward + backward over prompt + response
-    teacher_tokens = sum(len(p) for p in teacher_prompts) * 2 + new
+    trained = sum(len(p) for p in step["student_prompts"]) * 2 + new  # student forward + backward, prompt + response
+    teacher_tokens = sum(len(p) for p in step["teacher_prompts"]) * 2 + new
     params = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # matmul weights (tied head counted once)
     # forward 2 P per token, backward to the activations 2 P (LoRA needs no full weight gradient), recompute 2 P
     # with gradient checkpointing; the teacher forward 2 P per token
@@ -250,9 +262,46 @@ def bench_train():
             ["training MFU (H100 bf16 dense)", fmt(100 * mfu, ".1f", "%")],
             ["time in generation", f"{100 * generation_seconds / (generation_seconds + training_seconds):.0f}%"],
             ["step seconds (generation + training)", f"{generation_seconds + training_seconds:.2f}"]]
-    print_table(f"train: one PBSD step, {prompts_per_step} prompts x (1 student + 1 teacher rollout), "
-                f"{new_tokens} new tokens, {'Qwen3-1.7B shape' if CUDA else 'CPU shape'} on {device_name()}",
+    print_table(f"train: one PBSD step, {len(responses) // 2} prompts x (1 student + 1 teacher rollout), "
+                f"{step['new_tokens']} new tokens, {'Qwen3-1.7B shape' if CUDA else 'CPU shape'} on {device_name()}",
                 ["measure", "value"], rows)
+
+
+def bench_profile(out_dir="out/bench_profile", top=20):
+    """
+    Where the time goes in the sampler's decode steps at batch 1 and in bench_train's training step: the kernels
+    (ops, on a CPU) that take the most time, and a Chrome trace of each (open it in Perfetto).
+    """
+    from torch.profiler import ProfilerActivity, profile
+    os.makedirs(out_dir, exist_ok=True)
+    activity = ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU
+
+    def report(name, run, per, unit):
+        run()  # warm-up: compilation and CUDA graph recording stay out of the profile
+        with profile(activities=[activity]) as prof:
+            run()
+            synchronize()
+        events = [(e.self_device_time_total if CUDA else e.self_cpu_time_total, e.count, e.key)
+                  for e in prof.key_averages()]
+        events = sorted((e for e in events if e[0] > 0), reverse=True)
+        total = sum(us for us, _, _ in events)
+        rows = [[key[:90], f"{count / per:,.1f}", f"{us / per:,.1f}", f"{100 * us / total:.1f}%"]
+                for us, count, key in events[:top]]
+        rows.append(["(all)", f"{sum(c for _, c, _ in events) / per:,.1f}", f"{total / per:,.1f}", "100%"])
+        print_table(f"profile: {name} on {device_name()}, {'GPU kernels' if CUDA else 'CPU ops'} by self time "
+                    f"per {unit}", ["kernel" if CUDA else "op", f"calls per {unit}", f"us per {unit}", "share"], rows)
+        trace = os.path.join(out_dir, name.split(",")[0].replace(" ", "_") + ".json")
+        prof.export_chrome_trace(trace)
+        print(f"trace: {trace}")
+
+    steps = 256 if CUDA else 32
+    model = random_model(QWEN3_1_7B if CUDA else CPU_SHAPE, torch.bfloat16 if CUDA else torch.float32)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 256 if CUDA else 64)).tolist()
+    report(f"sampler decode, batch 1, {steps} new tokens",
+           lambda: qwen3.generate(model, prompt, steps, seed=0, compile=CUDA), steps, "token")
+    del model
+    step = pbsd_step()
+    report("training step, as bench.py train", step["training"], 1, "step")
 
 
 TOY_METHODS = [("PBSD (label reward)", ["--loss=pbsd", "--pbsd_label=reward"]),
@@ -322,7 +371,8 @@ def device_name():
 
 
 if __name__ == "__main__":
-    benches = {"sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train, "toy": bench_toy}
+    benches = {"sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train, "profile": bench_profile,
+               "toy": bench_toy}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]
     if unknown:

@@ -723,7 +723,10 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     dtype = model.embed_tokens.weight.dtype
     prompt_adapters = None if adapters is None else torch.tensor(adapters, dtype=dtype, device=device)[:, None, None]
 
-    with sampling_adapters(model):  # before the CUDA graphs' key: it allocates the copies they read
+    # what a call keeps for the next (the KV storage, the adapters' copies, the CUDA graphs' state) is made outside
+    # inference mode, so that a call outside it can still write to it (leaving inference mode turns grad mode
+    # back on: hence no_grad again); the copies come before the graphs' key
+    with torch.inference_mode(False), torch.no_grad(), sampling_adapters(model):
         caches = kv_caches(config, n_rows, n_slots, dtype, device)
         use_graphs = compile and device.type == "cuda"
         if use_graphs:

@@ -964,6 +964,19 @@ def test_toy_world_shortened(tmp_path):
 
 # ---- on a GPU only (skipped on the CPU machine): the compiled and CUDA-graph paths
 
+def test_bench_train_and_profile_run(tmp_path):
+    """The benchmarks a GPU session runs first, in their CPU form: they print their tables and write the traces."""
+    import subprocess
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "train", "profile"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for title in ("train: one PBSD step", "profile: sampler decode, batch 1", "profile: training step"):
+        assert title in result.stdout
+    assert "aten::mm" in result.stdout  # the profile names the ops it measured
+    for trace in ("sampler_decode.json", "training_step.json"):
+        assert json.load(open(tmp_path / "out" / "bench_profile" / trace))["traceEvents"]
+
+
 @needs_cuda
 def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):
     monkeypatch.setattr(M, "WINDOW", 8)  # the attended window grows while CUDA graphs replay

@@ -451,11 +451,10 @@ def sampling_adapters(model):
     with torch.no_grad():
         for _, m in lora_modules(model):
             A, up = m.adapter_weights(dtype)
-            if m.sampling_A is None:
-                m.sampling_A, m.sampling_B = A, up
-            else:
-                m.sampling_A.copy_(A)
-                m.sampling_B.copy_(up)
+            if m.sampling_A is None:  # copies of their own: in fp32, A is lora_A itself
+                m.sampling_A, m.sampling_B = torch.empty_like(A), torch.empty_like(up)
+            m.sampling_A.copy_(A)
+            m.sampling_B.copy_(up)
     with lora_setting(model, "sampling", True, False):
         yield model
 

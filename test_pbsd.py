@@ -370,6 +370,7 @@ def test_sampler_with_lora_and_as_teacher(tiny):
     prompts = _prompts([4, 7])
     base = M.generate(ours, prompts, 8, temperature=0)
     lora = M.apply_lora(ours, rank=4, alpha=64)
+    parameter_names = {n for n, _ in ours.named_parameters(remove_duplicate=False)}
     students = []
     # twice: the sampler's cast copies of the adapters follow the parameters as the optimizer changes them
     for seed in (0, 1):
@@ -387,6 +388,8 @@ def test_sampler_with_lora_and_as_teacher(tiny):
             assert rollout.tokens == expected
         students.append(student)
     assert students[0] != students[1]
+    # the sampler's copies are buffers of their own, not the fp32 parameters under another name
+    assert {n for n, _ in ours.named_parameters(remove_duplicate=False)} == parameter_names
     with torch.inference_mode():  # what a call keeps for the next (caches, the adapters' copies) stays writable
         assert M.generate(ours, prompts, 8, temperature=0) == students[1]
     assert M.generate(ours, prompts, 8, temperature=0) == students[1]

@@ -5,6 +5,7 @@ Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a 
     python bench.py kernels   # peak memory and time of the chunked loss kernels against full-logits versions
     python bench.py train     # one PBSD step: rollout tokens/s, trained tokens/s, MFU, generation vs training
     python bench.py profile   # the top kernels of the decode steps at batch 1 and of a training step, and traces
+    python bench.py decode    # a decode step's matrix-vector products and attention, each against alternatives
     python bench.py toy       # the toy world: every objective, three seeds, same warm start and budget
 
 Results print as tables; `toy` also writes out/bench_toy/results.json and comparison.png.
@@ -18,6 +19,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 import model as qwen3
@@ -146,6 +148,128 @@ def bench_sampler():
     print_table(f"sampler, both roles with LoRA r=64: {prompt_len}-token student and {2 * prompt_len}-token teacher "
                 f"prompts, {new_tokens} new tokens each", ["prompts per role", "two calls tok/s", "one batch tok/s",
                                                           "speed-up"], rows)
+
+
+def per_call_seconds(fn, argument_sets, repeats=20):
+    """
+    Seconds per fn(*arguments), cycling over argument sets (different weights or caches, as the layers of a step
+    are, so the L2 cache does not serve them); on CUDA the cycle is recorded as one CUDA graph, as the sampler's
+    decode step is, so launch gaps are those of a graph.
+    """
+    def cycle():
+        for arguments in argument_sets:
+            fn(*arguments)
+
+    cycle()  # compiles
+    run = cycle
+    if CUDA:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            cycle()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            cycle()
+        run = graph.replay
+    return timed(lambda: [run() for _ in range(repeats)]) / (repeats * len(argument_sets))
+
+
+def split_kv_attention(q, k, v, mask, split=256):
+    """
+    One query per row against the cache in splits of the window (flash-decoding): q (B, Hkv, G, hd), k and v
+    (B, Hkv, W, hd), mask (B, 1, 1, W), W a multiple of split -> (B, Hkv, G, hd). Each split gets its own softmax
+    statistics, so the window is read by W/split times more blocks than one per KV head; the splits then merge:
+    out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s, with m_s, l_s, o_s split s's max, sum and unnormalised
+    output.
+    """
+    B, Hkv, G, hd = q.shape
+    n_splits = k.shape[2] // split
+    k, v = k.view(B, Hkv, n_splits, split, hd), v.view(B, Hkv, n_splits, split, hd)
+    scores = torch.einsum("bhgd,bhsnd->bhsgn", q, k).float() * hd ** -0.5  # (B, Hkv, S, G, n)
+    scores = scores.masked_fill(~mask.view(B, 1, n_splits, 1, split), float("-inf"))
+    split_max = scores.amax(-1, keepdim=True).clamp(min=-1e30)  # a fully masked split: finite, and weight 0
+    p = (scores - split_max).exp()
+    split_out = torch.einsum("bhsgn,bhsnd->bhsgd", p.to(v.dtype), v).float()  # (B, Hkv, S, G, hd)
+    weight = (split_max - split_max.amax(2, keepdim=True)).exp()  # (B, Hkv, S, G, 1)
+    return ((weight * split_out).sum(2) / (weight * p.sum(-1, keepdim=True)).sum(2)).to(q.dtype)
+
+
+def bench_decode():
+    """
+    The parts of a decode step where the batch-1 gap to the roofline lies, each against alternatives: the
+    projections' matrix-vector products (F.linear, which is cuBLAS on a GPU, and the same product written as a
+    multiply and a sum, which Inductor compiles into a Triton reduction there), and attention over the cache
+    with the sampler's mask (each SDPA backend, and the split form above). On a GPU the compiled variants tune
+    their kernels (coordinate descent, as gpt-fast does) the first time: a few minutes.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    shape = QWEN3_1_7B if CUDA else CPU_SHAPE
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    D, H, Hkv, hd = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    layers = shape["num_hidden_layers"]
+    compiled = (lambda fn: torch.compile(fn, dynamic=False, options={"coordinate_descent_tuning": True})) if CUDA \
+        else (lambda fn: fn)
+    torch.manual_seed(0)
+
+    rows = []
+    multiply_and_sum = compiled(lambda x, w: (x[:, None, :] * w).sum(-1))
+    I, V = shape["intermediate_size"], shape["vocab_size"]
+    for name, n_in, n_out, count in [("q,k,v", D, (H + 2 * Hkv) * hd, layers), ("o", H * hd, D, layers),
+                                     ("gate,up", D, 2 * I, layers), ("down", I, D, layers), ("head", D, V, 1)]:
+        weights = [torch.randn(n_out, n_in, device=DEVICE, dtype=dtype) * n_in ** -0.5 for _ in range(max(count, 2))]
+        x = torch.randn(1, n_in, device=DEVICE, dtype=dtype)
+        reference = x.double() @ weights[0].double().T
+        for fn in (F.linear, multiply_and_sum):
+            assert (fn(x, weights[0]).double() - reference).abs().max() < 2e-2 * reference.abs().max()
+        megabytes = n_out * n_in * dtype.itemsize / 1e6
+        row = [name, f"{n_in} x {n_out}", f"{megabytes:,.1f}", count]
+        for fn in (F.linear, multiply_and_sum):
+            seconds = per_call_seconds(fn, [(x, w) for w in weights])
+            row += [f"{seconds * 1e6:,.1f}", f"{megabytes / 1e3 / seconds:,.0f}"]
+        rows.append(row)
+        del weights
+    print_table(f"decode parts: matrix-vector products at batch 1, {str(dtype)[6:]} on {device_name()} "
+                f"(copies of each weight cycled, so that the L2 cache does not serve them)",
+                ["projection", "in x out", "MB", "per step", "F.linear us", "GB/s", "multiply-sum us", "GB/s"], rows)
+
+    def with_backend(backend):
+        def attend(q, k, v, mask):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attend
+
+    variants = {"SDPA default": F.scaled_dot_product_attention,
+                "efficient": with_backend(SDPBackend.EFFICIENT_ATTENTION),
+                "cuDNN": with_backend(SDPBackend.CUDNN_ATTENTION), "math": with_backend(SDPBackend.MATH),
+                "split": compiled(split_kv_attention)}
+    rows = []
+    for batch in (1, 16):
+        for window in ((256, 1024, 2304) if CUDA else (256, 512)):
+            q = torch.randn(batch, Hkv, H // Hkv, hd, device=DEVICE, dtype=dtype)
+            caches = [(torch.randn(batch, Hkv, window, hd, device=DEVICE, dtype=dtype),
+                       torch.randn(batch, Hkv, window, hd, device=DEVICE, dtype=dtype)) for _ in range(layers)]
+            # the sampler's mask: each row's left padding (some rows' fill a whole split), the written slots, then
+            # the unwritten rest of the window
+            slots = torch.arange(window, device=DEVICE)
+            padding = (torch.arange(batch, device=DEVICE) * 300) % (window - 128)
+            mask = ((slots >= padding[:, None]) & (slots < window - 100))[:, None, None, :]  # (B, 1, 1, W)
+            reference = F.scaled_dot_product_attention(q.double(), caches[0][0].double(), caches[0][1].double(),
+                                                       attn_mask=mask)
+            kv_megabytes = 2 * batch * Hkv * window * hd * dtype.itemsize / 1e6
+            row = [batch, window, f"{kv_megabytes:,.2f}"]
+            for name, fn in variants.items():
+                try:
+                    got = fn(q, *caches[0], mask)
+                except RuntimeError:  # no kernel of this backend for these inputs on this device
+                    row.append("n/a")
+                    continue
+                assert (got.double() - reference).abs().max() < 2e-2 * reference.abs().max(), name
+                row.append(f"{per_call_seconds(fn, [(q, k, v, mask) for k, v in caches]) * 1e6:,.1f}")
+            rows.append(row)
+    print_table(f"decode parts: attention of one layer, one query per row, {H} heads on {Hkv} KV heads, "
+                f"{str(dtype)[6:]} on {device_name()}, us per call (a step makes {layers})",
+                ["batch", "window", "K+V MB", *variants], rows)
 
 
 def naive_token_logprobs(hidden, weight, targets):
@@ -372,7 +496,7 @@ def device_name():
 
 if __name__ == "__main__":
     benches = {"sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train, "profile": bench_profile,
-               "toy": bench_toy}
+               "decode": bench_decode, "toy": bench_toy}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]
     if unknown:

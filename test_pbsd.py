@@ -967,13 +967,17 @@ def test_toy_world_shortened(tmp_path):
 
 # ---- on a GPU only (skipped on the CPU machine): the compiled and CUDA-graph paths
 
-def test_bench_train_and_profile_run(tmp_path):
-    """The benchmarks a GPU session runs first, in their CPU form: they print their tables and write the traces."""
+def test_bench_train_profile_and_decode_run(tmp_path):
+    """
+    The benchmarks a GPU session runs first, in their CPU form: they print their tables and write the traces, and
+    the decode parts agree with float64 references (bench.py checks each variant before timing it).
+    """
     import subprocess
-    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "train", "profile"], capture_output=True,
-                            text=True, cwd=tmp_path, timeout=600)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "train", "profile", "decode"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    for title in ("train: one PBSD step", "profile: sampler decode, batch 1", "profile: training step"):
+    for title in ("train: one PBSD step", "profile: sampler decode, batch 1", "profile: training step",
+                  "decode parts: matrix-vector products", "decode parts: attention"):
         assert title in result.stdout
     assert "aten::mm" in result.stdout  # the profile names the ops it measured
     for trace in ("sampler_decode.json", "training_step.json"):

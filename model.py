@@ -355,8 +355,9 @@ class LoRALinear(nn.Module):
     A frozen Projection with an adapter of its own on each targeted part (as PEFT puts one on each HF projection).
     The parts' A matrices read the same input, so they are stacked: x A^T is one matmul for all of them; their B
     matrices are laid out block-diagonally, so the adapters' outputs are one more matmul, which adds them into the
-    base projection's output as it goes. At batch 1 a decode step is a chain of small launches, and an
-    adapter that cost one launch per part would cost more than the projection it adapts.
+    base projection's output as it goes. At batch 1 a decode step is a chain of small launches, each a few
+    microseconds, about what a projection's matrix-vector product takes: an adapter with launches per part would
+    cost as much again.
     """
 
     def __init__(self, base, targets, rank, alpha):

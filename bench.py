@@ -160,18 +160,10 @@ def per_call_seconds(fn, argument_sets, repeats=20):
         for arguments in argument_sets:
             fn(*arguments)
 
-    cycle()  # compiles
     run = cycle
-    if CUDA:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            cycle()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            cycle()
-        run = graph.replay
+    if CUDA:  # the sampler's own recording: the first call compiles and records, every later one replays
+        graphs = {}
+        run = lambda: qwen3.replay_or_record(graphs, "cycle", cycle)
     return timed(lambda: [run() for _ in range(repeats)]) / (repeats * len(argument_sets))
 
 

@@ -66,19 +66,23 @@ def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, ma
              thinking=False, template=None, role="student", seed=None, show_progress=True):
     """
     Samples k answers per problem and grades them. batch_size counts sampled rows, so each sampler call holds
-    max(1, batch_size // k) problems. role "teacher" prompts with the reference solution (wrap the call in
+    max(1, batch_size // k) problems. seed: one number, or one per problem; problem i's samples depend on its own
+    seed only (the i-th child of a single seed), so the results do not depend on batch_size or on how the problems
+    are split across ranks. role "teacher" prompts with the reference solution (wrap the call in
     adapters_off for the frozen teacher). Returns a summary dict with per-problem results.
     """
     make_prompt = data.teacher_prompt if role == "teacher" else data.student_prompt
     problems_per_call = max(1, batch_size // k)
     progress = Progress(len(examples), f"eval {role}", show_progress)
     results, reward_sum = [], 0.0
+    if isinstance(seed, int):
+        seed = [qwen3.sub_seed(seed, i) for i in range(len(examples))]
     for start in range(0, len(examples), problems_per_call):
         batch = examples[start:start + problems_per_call]
         prompts = [make_prompt(e, tokenizer, thinking, template) for e in batch]
         rollouts = qwen3.generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                                   eos_ids=tokenizer.eos_ids, num_samples=k,
-                                  seed=None if seed is None else seed + start)
+                                  seed=None if seed is None else seed[start:start + problems_per_call])
         for i, example in enumerate(batch):
             samples = rollouts[i * k:(i + 1) * k]
             texts = [tokenizer.decode(s.tokens) for s in samples]
@@ -114,7 +118,8 @@ def evaluate_across_ranks(model, tokenizer, examples, **kwargs):
     if not (dist.is_available() and dist.is_initialized()):
         return evaluate(model, tokenizer, examples, **kwargs)
     rank, world = dist.get_rank(), dist.get_world_size()
-    kwargs["seed"] = None if kwargs.get("seed") is None else kwargs["seed"] + 1000 * rank
+    if isinstance(kwargs.get("seed"), int):  # each problem keeps the seed it has in a one-process run
+        kwargs["seed"] = [qwen3.sub_seed(kwargs["seed"], i) for i in range(len(examples))][rank::world]
     kwargs["show_progress"] = kwargs.get("show_progress", True) and rank == 0
     mine = evaluate(model, tokenizer, examples[rank::world], **kwargs)
     gathered = [None] * world

@@ -546,9 +546,46 @@ def load_lora(model, path):
 
 WINDOW = 256
 
+# Sampling noise is counter-based: the Exp(1) draw for token id v at step t of a row is splitmix64 output number
+# t * V + v + 1 of the stream that the row's key seeds. A row draws the same noise whatever else shares its batch
+# (a rollout depends on its key only, not on its company or the batch size), and the draw is computed inside the
+# compiled decode step. Torch's int64 arithmetic wraps around, as splitmix64's unsigned arithmetic does; its >> is
+# arithmetic, so the logical shifts mask the sign bits away.
+GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # the 64-bit constants as int64
+MIX_1 = 0xBF58476D1CE4E5B9 - 2**64
+MIX_2 = 0x94D049BB133111EB - 2**64
+
+
+def shift_right(z, bits):
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z):
+    """splitmix64's finaliser, on int64 tensors (or Python ints already reduced to int64)."""
+    z = (z ^ shift_right(z, 30)) * MIX_1
+    z = (z ^ shift_right(z, 27)) * MIX_2
+    return z ^ shift_right(z, 31)
+
+
+def as_int64(n):
+    return (n + 2**63) % 2**64 - 2**63
+
+
+def sub_seed(seed, index):
+    """Output number index + 1 of the splitmix64 stream seeded with seed: a key for the index-th child of seed."""
+    return mix64(torch.tensor(as_int64(seed + (index + 1) * GOLDEN))).item()
+
+
+def exponential_noise(row_key, step, vocab_size):
+    """row_key (B,) int64, step (1,) int64 -> (B, V) fp32 Exp(1) draws, the row's stream at step * V + id + 1."""
+    counter = step * vocab_size + torch.arange(1, vocab_size + 1, device=row_key.device)  # (V,)
+    bits = mix64(row_key[:, None] + counter * GOLDEN)  # (B, V)
+    uniform = (shift_right(bits, 11).double() + 0.5) * 2.0**-53  # the top 53 bits, in (0, 1)
+    return (-uniform.log()).float()
+
 
 def sample_token(logits, noise, temperature, top_k, top_p):
-    """logits (B, V) fp32, noise (B, V) ~ Exp(1) -> (B,) token ids; temperature 0 is greedy."""
+    """logits (B, V) fp32, noise (B, V) ~ Exp(1) (None when greedy) -> (B,) token ids; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -578,7 +615,7 @@ class DecodeState(NamedTuple):
     column: torch.Tensor  # (1,) the column of new_tokens the next sampled token goes to
     prompt_valid: torch.Tensor  # (B, S) the real prompt slots
     new_slot: torch.Tensor  # (S,) the slots after the prompt
-    noise: torch.Tensor  # (B, V) fp32, Exp(1) draws for the next token, filled before each step
+    row_key: torch.Tensor  # (B,) int64, each row's sampling noise key
     eos: torch.Tensor  # (E,) the ids that stop a row
     new_tokens: torch.Tensor  # (B, N) the sampled tokens, -1 after a row's EOS
     done: torch.Tensor  # (B,) whether a row has emitted an EOS
@@ -604,7 +641,8 @@ def decode_step(model, caches, state, window, temperature, top_k, top_p):
     mask = (state.prompt_valid[:, :window] | written)[:, None, None, :]  # (B, 1, 1, W)
     hidden = model(state.token, position_ids=state.position, caches=caches, cache_index=state.slot, mask=mask)
     logits = model.logits(hidden[:, -1]).float()  # (B, V)
-    record_token(state, sample_token(logits, state.noise, temperature, top_k, top_p))
+    noise = None if temperature == 0 else exponential_noise(state.row_key, state.column, logits.shape[-1])
+    record_token(state, sample_token(logits, noise, temperature, top_k, top_p))
     state.slot.add_(1)
     state.position.add_(1)
 
@@ -651,7 +689,7 @@ def decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
         column=torch.zeros(1, dtype=torch.long, device=device),
         prompt_valid=torch.zeros(n_rows, n_slots, dtype=torch.bool, device=device),
         new_slot=torch.arange(n_slots, device=device) >= prompt_len,
-        noise=torch.ones(n_rows, model.config.vocab_size, device=device),
+        row_key=torch.zeros(n_rows, dtype=torch.long, device=device),
         eos=torch.tensor(list(eos_ids), dtype=torch.long, device=device),
         new_tokens=torch.empty(n_rows, max_new_tokens, dtype=torch.long, device=device),
         done=torch.empty(n_rows, dtype=torch.bool, device=device),
@@ -695,7 +733,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     Samples continuations of each prompt (lists of token ids, any lengths), prefilling each prompt once.
     num_samples: how many per prompt, one number or one per prompt. adapters: None samples every prompt with the
     model as it is; a bool per prompt samples it with the LoRA adapters on (the student) or off (the teacher),
-    both roles in one batch. Returns one Rollout per sample, the samples of a prompt next to each other, in
+    both roles in one batch. seed: one number for the call, or one per prompt; a prompt's samples then depend on
+    its own seed only, not on the prompts beside it (None: a seed drawn from torch's global generator). Returns one Rollout per sample, the samples of a prompt next to each other, in
     prompt order. compile: torch.compile the decode step, and on CUDA record it as CUDA graphs, so a step costs
     one graph launch.
     """
@@ -714,7 +753,13 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         prompt_len = -(-prompt_len // 64) * 64
     n_rows, n_slots = sum(samples), prompt_len + max_new_tokens
     row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    if seed is None:
+        seed = int(torch.randint(2**62, ()))
+    prompt_seeds = [sub_seed(seed, p) for p in range(n_prompts)] if isinstance(seed, int) else list(seed)
+    if len(prompt_seeds) != n_prompts:
+        raise ValueError(f"generate: seed must be one number, or one per prompt ({n_prompts}); got {len(prompt_seeds)}")
+    # sample j of prompt p draws its noise from the j-th child of the prompt's seed
+    row_keys = [sub_seed(prompt_seeds[p], j) for p in range(n_prompts) for j in range(samples[p])]
 
     input_ids = torch.zeros(n_prompts, prompt_len, dtype=torch.long)
     attention_mask = torch.zeros(n_prompts, prompt_len, dtype=torch.bool)
@@ -753,6 +798,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         state.column.zero_()
         state.new_tokens.fill_(-1)
         state.done.zero_()
+        state.row_key.copy_(torch.tensor(row_keys))
         if adapters is not None:
             state.adapter_rows.copy_(prompt_adapters[row_prompt])
 
@@ -763,9 +809,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
                 _compiled_decode_step.append(torch.compile(decode_step, fullgraph=True, dynamic=True))
             step_fn = _compiled_decode_step[0]
         lora_on = any(m.enabled for _, m in lora_modules(model))
-        if temperature > 0:
-            state.noise.exponential_(generator=generator)
-        record_token(state, sample_token(logits, state.noise, temperature, top_k, top_p))
+        noise = None if temperature == 0 else exponential_noise(state.row_key, state.column, config.vocab_size)
+        record_token(state, sample_token(logits, noise, temperature, top_k, top_p))
         with adapters_on_rows(model, None if adapters is None else state.adapter_rows):
             for step in range(1, max_new_tokens):
                 if step % 32 == 0 and bool(state.done.all()):
@@ -774,8 +819,6 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
                 # up; the last slot is never written (the last token is sampled, not fed back), so the window
                 # stays below S
                 window = min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW)
-                if temperature > 0:
-                    state.noise.exponential_(generator=generator)
                 run = lambda: step_fn(model, caches, state, window, temperature, top_k, top_p)
                 if use_graphs:
                     replay_or_record(graphs, (window, temperature, top_k, top_p, lora_on, adapters is not None), run)

@@ -262,6 +262,46 @@ def test_sampler_ignores_what_earlier_calls_left_in_the_cache(tiny):
     assert [r.tokens for r in pairs] == [tokens for tokens in expected for _ in range(2)]
 
 
+def splitmix64(seed, n):
+    """Output number n of the splitmix64 stream seeded with seed, in unsigned 64-bit arithmetic."""
+    mask = 2**64 - 1
+    z = (seed + n * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_sampling_noise_is_splitmix64():
+    assert splitmix64(0, 1) == 0xE220A8397B1DCDAF  # the generator's published first output from seed 0
+    assert M.sub_seed(0, 0) % 2**64 == 0xE220A8397B1DCDAF and M.sub_seed(-7, 4) % 2**64 == splitmix64(2**64 - 7, 5)
+    keys = torch.tensor([0, -1, 2**62 + 12345, -2**63])
+    noise = M.exponential_noise(keys, torch.tensor([3]), 50)
+    expected = [[-math.log(((splitmix64(k % 2**64, 3 * 50 + v + 1) >> 11) + 0.5) * 2**-53) for v in range(50)]
+                for k in keys.tolist()]
+    assert torch.equal(noise, torch.tensor(expected, dtype=torch.float64).float())
+    compiled = torch.compile(M.exponential_noise, dynamic=True)
+    assert torch.equal(compiled(keys, torch.tensor([3]), 50), noise)
+    # Exp(1): mean 1, P(E > 1) = 1/e
+    many = M.exponential_noise(torch.arange(4), torch.tensor([0]), 50_000)
+    assert abs(many.mean().item() - 1) < 0.01 and abs((many > 1).double().mean().item() - math.exp(-1)) < 0.005
+
+
+def test_a_prompts_samples_do_not_depend_on_its_company(tiny):
+    """With one seed per prompt, a prompt's samples are the same alone, in a batch, and in a compiled batch."""
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    prompts, seeds, counts = _prompts([5, 9, 2], seed=6), [11, -3, 2**40], [2, 1, 3]
+    alone = [r for p, s, n in zip(prompts, seeds, counts) for r in M.generate(ours, [p], 15, seed=[s], num_samples=n)]
+    assert len({tuple(r.tokens) for r in alone}) == len(alone)  # the samples of a prompt draw apart
+    for compile in (False, True):
+        assert M.generate(ours, prompts, 15, seed=seeds, num_samples=counts, compile=compile) == alone
+    # one seed for the call gives prompt p the p-th child seed
+    assert M.generate(ours, prompts, 15, seed=4, num_samples=counts) == M.generate(
+        ours, prompts, 15, seed=[M.sub_seed(4, p) for p in range(3)], num_samples=counts)
+    with pytest.raises(ValueError, match="one per prompt"):
+        M.generate(ours, prompts, 15, seed=[1, 2])
+
+
 def test_first_token_frequencies_follow_softmax(tiny):
     from scipy.stats import chisquare
     path, _ = tiny
@@ -740,8 +780,10 @@ def test_evaluate_end_to_end(tiny_with_tokenizer, tmp_path):
         assert len(result["responses"]) == len(result["rewards"]) == len(result["lengths"]) == 3
         assert all(0 < n <= 6 for n in result["lengths"])
     assert 0 <= summary["avg_at_k"] <= summary["pass_at_k"] <= 1
-    assert summary == E.evaluate(ours, tokenizer, examples, k=3, max_new_tokens=6, batch_size=6, seed=0,
-                                 show_progress=False)
+    # each problem samples with its own seed: the same results in calls of one problem or of all five
+    for batch_size in (3, 15):
+        assert summary == E.evaluate(ours, tokenizer, examples, k=3, max_new_tokens=6, batch_size=batch_size, seed=0,
+                                     show_progress=False)
 
 
 def test_eval_command_line(tiny_with_tokenizer, tmp_path):
@@ -1010,6 +1052,8 @@ def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):
         # both roles in one batch: a graph of its own, reading which rows are whose from the call's state
         mixed = dict(num_samples=[2, 1, 1], adapters=[True, False, True], temperature=0)
         assert M.generate(ours, prompts, 40, compile=True, **mixed) == M.generate(ours, prompts, 40, **mixed)
+    # sampled: the noise is drawn inside the graph, from each row's key and the step
+    assert M.generate(ours, prompts, 40, seed=3, compile=True) == M.generate(ours, prompts, 40, seed=3)
 
 
 @needs_cuda

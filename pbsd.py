@@ -70,6 +70,7 @@ class Config:
     steps: int = 200
     batch_size: int = 32  # prompts per optimizer step, over all ranks
     micro_batch_size: int = 4  # prompts per forward pass on one rank; the rest is gradient accumulation
+    rollout_batch_size: int = 0  # prompts per sampler call on one rank (0: all of its step's); bounds the KV cache
     lr: float = 1e-5
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -160,6 +161,9 @@ def _validate(config):
     if config.batch_size % config.micro_batch_size:
         raise ConfigError(f"--batch_size={config.batch_size} is not a multiple of "
                           f"--micro_batch_size={config.micro_batch_size}")
+    if config.rollout_batch_size < 0:
+        raise ConfigError(f"--rollout_batch_size must be 0 (a rank's whole step) or positive, got "
+                          f"{config.rollout_batch_size}")
 
 
 # ---- the toy world's checkpoint
@@ -255,9 +259,13 @@ def sequence_sums(token_values, rows, n_rows):
     return torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add_(0, rows, token_values)
 
 
-def rollout_seed(seed, step, micro_batch):
-    # a function of the global micro-batch, not the rank: 2 ranks x 1 micro-batch sample what 1 rank x 2 does
-    return (seed * 1_000_003 + step) * 1_009 + micro_batch
+def rollout_seed(seed, step, position, role):
+    """
+    The sampling seed of the example at this position of the step's global batch, for role 0 (student) or 1
+    (teacher). It depends on neither the rank nor the sampler call, so however the batch is split (ranks, calls,
+    micro-batches) an example's rollouts are the same, up to the rounding of logits computed in other batch shapes.
+    """
+    return qwen3.sub_seed(qwen3.sub_seed(qwen3.sub_seed(seed, step), position), role)
 
 
 class Trainer:
@@ -340,32 +348,59 @@ class Trainer:
         random.Random(self.config.seed * 7919 + epoch).shuffle(order)
         return order
 
-    def micro_batches(self, step):
-        """This rank's micro-batches of example indices, with their global micro-batch numbers."""
+    def rank_batch(self, step):
+        """This rank's share of the step's global batch: (position in the global batch, example index) pairs."""
         config, n = self.config, len(self.train_examples)
         start = step * config.batch_size
-        indices = [self.epoch_order(p // n)[p % n] for p in range(start, start + config.batch_size)]
-        for micro in range(self.accumulation):
-            global_micro = self.rank * self.accumulation + micro
-            yield global_micro, indices[global_micro * config.micro_batch_size:
-                                        (global_micro + 1) * config.micro_batch_size]
+        per_rank = config.batch_size // self.world
+        positions = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return [(p, self.epoch_order((start + p) // n)[(start + p) % n]) for p in positions]
 
-    # -- one micro-batch: rollouts, rewards, scoring, loss, backward
+    # -- the step's rollouts, sampled for all of this rank's prompts at once
 
-    def rollouts(self, student_prompts, teacher_prompts, seed):
+    def sample(self, step, batch, stats):
         """
-        n_student rollouts of each student prompt (LoRA on) and n_teacher of each teacher prompt (LoRA off), sampled
-        in one batch: a decode step reads the weights once for both roles.
+        Student rollouts (LoRA on, n_student per prompt) of the rank's prompts and, for PBSD, teacher rollouts
+        (LoRA off, n_teacher per prompt), both roles in one sampler call per rollout_batch_size prompts: a decode
+        step reads the weights once for all its rows, and costs little more for 64 rows than for 8. Returns two
+        dicts, role -> per prompt a list of its Rollouts, and role -> per prompt a list of their rewards.
         """
         config = self.config
-        rollouts = qwen3.generate(self.model, student_prompts + teacher_prompts, config.max_new_tokens,
-                                  temperature=config.temperature, top_p=config.top_p, eos_ids=self.tokenizer.eos_ids,
-                                  seed=seed, compile=config.compile,
-                                  num_samples=[config.n_student] * len(student_prompts) +
-                                              [config.n_teacher] * len(teacher_prompts),
-                                  adapters=[True] * len(student_prompts) + [False] * len(teacher_prompts))
-        n_student = config.n_student * len(student_prompts)
-        return rollouts[:n_student], rollouts[n_student:]
+        timer = time.time()
+        roles = ("student", "teacher") if config.loss == "pbsd" else ("student",)
+        counts = {"student": config.n_student, "teacher": config.n_teacher}
+        rollouts = {role: [] for role in roles}
+        chunk = config.rollout_batch_size or len(batch)
+        for start in range(0, len(batch), chunk):
+            part = batch[start:start + chunk]
+            calls = [(role, position, index) for role in roles for position, index in part]
+            sampled = iter(qwen3.generate(
+                self.model, [self.teacher_prompts[i] if role == "teacher" else self.student_prompts[i]
+                             for role, _, i in calls], config.max_new_tokens,
+                temperature=config.temperature, top_p=config.top_p, eos_ids=self.tokenizer.eos_ids,
+                seed=[rollout_seed(config.seed, step, position, roles.index(role)) for role, position, _ in calls],
+                num_samples=[counts[role] for role, _, _ in calls], adapters=[role == "student" for role, _, _ in calls],
+                compile=config.compile))
+            for role, _, _ in calls:
+                rollouts[role].append([next(sampled) for _ in range(counts[role])])
+        stats.add("generation_seconds", [time.time() - timer])
+        stats.add("rollout_tokens", [len(r.tokens) for role in roles for per_prompt in rollouts[role] for r in per_prompt])
+
+        rewards = {}
+        for role in roles:
+            texts = [[self.tokenizer.decode(r.tokens) for r in per_prompt] for per_prompt in rollouts[role]]
+            rewards[role] = [[data.reward(self.train_examples[i], text) for text in per_prompt]
+                             for (_, i), per_prompt in zip(batch, texts)]
+            flat = [r for per_prompt in rollouts[role] for r in per_prompt]
+            stats.add(f"{role}_reward", [x for per_prompt in rewards[role] for x in per_prompt])
+            stats.add(f"{role}_length", [len(r.tokens) for r in flat])
+            stats.add(f"{role}_truncated", [not r.finished for r in flat])
+            if role == "student":
+                stats.add_ratio("uncertainty_per_1k", evaluation.uncertainty_count(sum(texts, [])),
+                                sum(len(r.tokens) for r in flat) / 1000)
+        return rollouts, rewards
+
+    # -- one micro-batch: scoring, loss, backward
 
     def score(self, prompts, responses, teacher):
         """
@@ -378,16 +413,11 @@ class Trainer:
                                                    temperature=self.config.temperature, with_entropy=True)
         return logp, entropy, rows, hidden
 
-    def grade(self, rollouts, examples, role, stats):
-        """Rewards of the rollouts (examples repeated to match them), logged with their lengths and truncation."""
-        texts = [self.tokenizer.decode(r.tokens) for r in rollouts]
-        rewards = [data.reward(e, text) for e, text in zip(examples, texts)]
-        stats.add(f"{role}_reward", rewards)
-        stats.add(f"{role}_length", [len(r.tokens) for r in rollouts])
-        stats.add(f"{role}_truncated", [not r.finished for r in rollouts])
-        return rewards, texts
-
-    def micro_step(self, step, global_micro, indices, stats):
+    def micro_step(self, indices, rollouts, rewards, stats):
+        """
+        The micro-batch's loss, backpropagated. indices: its examples; rollouts and rewards: role -> theirs, the
+        samples of a prompt next to each other, in prompt order (empty for SFT).
+        """
         config, examples = self.config, [self.train_examples[i] for i in indices]
         timer = time.time()
         if config.loss == "sft":
@@ -400,29 +430,15 @@ class Trainer:
             (loss / self.accumulation).backward()
             return loss.item()
 
-        student_rollouts, teacher_rollouts = self.rollouts(
-            [self.student_prompts[i] for i in indices],
-            [self.teacher_prompts[i] for i in indices] if config.loss == "pbsd" else [],
-            rollout_seed(config.seed, step, global_micro))
-        student_rewards, texts = self.grade(student_rollouts, [e for e in examples for _ in range(config.n_student)],
-                                            "student", stats)
-        stats.add_ratio("uncertainty_per_1k", evaluation.uncertainty_count(texts),
-                        sum(len(r.tokens) for r in student_rollouts) / 1000)
+        # student and teacher score the same responses, each after its own prompt
+        student_rollouts = rollouts["student"]
         responses = [r.tokens for r in student_rollouts]
         student_prompts = [self.student_prompts[i] for i in indices for _ in range(config.n_student)]
         teacher_prompts = [self.teacher_prompts[i] for i in indices for _ in range(config.n_student)]
-        if config.loss == "pbsd":
-            teacher_rewards, _ = self.grade(teacher_rollouts, [e for e in examples for _ in range(config.n_teacher)],
-                                            "teacher", stats)
-            # score the teacher samples too, both models, each with its own prompt
-            responses = responses + [r.tokens for r in teacher_rollouts]
+        if config.loss == "pbsd":  # the teacher samples are scored too
+            responses = responses + [r.tokens for r in rollouts["teacher"]]
             student_prompts += [self.student_prompts[i] for i in indices for _ in range(config.n_teacher)]
             teacher_prompts += [self.teacher_prompts[i] for i in indices for _ in range(config.n_teacher)]
-        generation_seconds = time.time() - timer
-        stats.add("generation_seconds", [generation_seconds])
-        stats.add("rollout_tokens", [sum(len(r) for r in responses)])
-        timer = time.time()
-
         student_logp, entropy, rows, student_hidden = self.score(student_prompts, responses, teacher=False)
         teacher_logp, _, _, teacher_hidden = self.score(teacher_prompts, responses, teacher=True)
         on_student = rows < len(student_rollouts)  # tokens of the student's own rollouts
@@ -436,7 +452,8 @@ class Trainer:
             if config.length_norm:
                 lengths = torch.tensor([len(r) for r in responses], dtype=student_sums.dtype, device=rows.device)
                 student_sums, teacher_sums = student_sums / lengths, teacher_sums / lengths
-            rewards = torch.tensor(student_rewards + teacher_rewards, dtype=student_sums.dtype, device=rows.device)
+            rewards = torch.tensor(rewards["student"] + rewards["teacher"], dtype=student_sums.dtype,
+                                   device=rows.device)
             # pairs: for each prompt, every teacher sample (y+) against every student sample (y-)
             n_prompts, plus, minus = len(indices), [], []
             for p in range(n_prompts):
@@ -463,6 +480,20 @@ class Trainer:
         (loss / self.accumulation).backward()
         stats.add("train_seconds", [time.time() - timer])
         return loss.item()
+
+    def accumulate(self, step, stats):
+        """Samples this rank's rollouts for the step, then scores and backpropagates them micro-batch by micro-batch."""
+        config, batch = self.config, self.rank_batch(step)
+        if config.loss != "sft":
+            rollouts, rewards = self.sample(step, batch, stats)
+        else:
+            rollouts, rewards = {}, {}
+        losses = []
+        for first in range(0, len(batch), config.micro_batch_size):
+            micro = slice(first, first + config.micro_batch_size)
+            flat = lambda per_role: {role: sum(per_prompt[micro], []) for role, per_prompt in per_role.items()}
+            losses.append(self.micro_step([i for _, i in batch[micro]], flat(rollouts), flat(rewards), stats))
+        return sum(losses) / len(losses)
 
     # -- the optimizer step, with gradients averaged over ranks
 
@@ -497,10 +528,8 @@ class Trainer:
         progress = evaluation.Progress(last_step - first_step, config.loss, enabled=self.rank == 0)
         while self.step < last_step:
             self.model.train()
-            stats, losses = Stats(), []
-            for global_micro, indices in self.micro_batches(self.step):
-                losses.append(self.micro_step(self.step, global_micro, indices, stats))
-            loss = self.all_mean(sum(losses) / len(losses))  # every rank decides on the same number
+            stats = Stats()
+            loss = self.all_mean(self.accumulate(self.step, stats))  # every rank decides on the same number
             if not math.isfinite(loss):
                 raise TrainingError(f"step {self.step + 1}: the loss is {loss}; stopping before the update. "
                                     f"The last good checkpoint is {self.latest_checkpoint()}")

@@ -893,6 +893,36 @@ def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path):
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002", "step_000004"]
 
 
+def test_how_a_step_is_split_does_not_change_it(tiny_with_tokenizer, train_file, tmp_path, monkeypatch):
+    """
+    A rank samples its whole step in one sampler call (both roles), or in calls of rollout_batch_size prompts;
+    either way, and whatever the micro-batches, every example draws the same rollouts from its own seed.
+    """
+    path, _ = tiny_with_tokenizer
+    calls = []
+    generate = M.generate
+    monkeypatch.setattr(M, "generate", lambda model, prompts, *args, **kwargs: calls.append(len(prompts)) or
+                        generate(model, prompts, *args, **kwargs))
+    runs = {}
+    for micro_batch_size, rollout_batch_size in ((4, 0), (2, 0), (1, 3)):
+        calls.clear()
+        trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path / f"{micro_batch_size}_{rollout_batch_size}",
+                                             steps=2, batch_size=4, micro_batch_size=micro_batch_size,
+                                             rollout_batch_size=rollout_batch_size, n_student=2))
+        trainer.train()
+        # student and teacher prompts of 4 examples per step: one call, or calls of 3 and 1 examples
+        assert calls == ([8, 8] if rollout_batch_size == 0 else [6, 2, 6, 2])
+        runs[micro_batch_size, rollout_batch_size] = _lora_state(trainer.model)
+    # the same rollouts (their lengths and rewards, step by step); the updates differ by rounding, well below the
+    # learning rate's scale (1e-2) that a different rollout would show at
+    one_call = runs[4, 0]
+    for split in ((2, 0), (1, 3)):
+        assert all(torch.allclose(runs[split][n], one_call[n], rtol=0, atol=1e-4) for n in one_call), split
+        logged = [[json.loads(line) for line in open(tmp_path / f"{a}_{b}" / "metrics.jsonl")] for a, b in ((4, 0), split)]
+        for key in ("student_length", "teacher_length", "student_reward", "teacher_reward"):
+            assert [m[key] for m in logged[0]] == [m[key] for m in logged[1]], (split, key)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_with_tokenizer, train_file, tmp_path):
     path, _ = tiny_with_tokenizer
     trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, steps=3, save_every=1))
@@ -966,6 +996,8 @@ def test_config_parsing():
         pbsd.parse_args(["--steps=many"])
     with pytest.raises(pbsd.ConfigError, match="--loss must be one of pbsd, opsd, opsd_sampled, sft"):
         pbsd.parse_args(["--loss=dpo"])
+    with pytest.raises(pbsd.ConfigError, match="--rollout_batch_size must be 0"):
+        pbsd.parse_args(["--model=/m", "--rollout_batch_size=-2"])
 
 
 def _run_pbsd(*args):

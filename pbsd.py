@@ -69,7 +69,7 @@ class Config:
     # optimisation: AdamW, warm-up then cosine decay, gradient clipping
     steps: int = 200
     batch_size: int = 32  # prompts per optimizer step, over all ranks
-    micro_batch_size: int = 4  # prompts per forward pass on one rank; the rest is gradient accumulation
+    micro_batch_size: int = 4  # prompts per forward + backward pass on one rank; the rest is gradient accumulation
     rollout_batch_size: int = 0  # prompts per sampler call on one rank (0: all of its step's); bounds the KV cache
     lr: float = 1e-5
     warmup_steps: int = 10
@@ -158,12 +158,9 @@ def _validate(config):
         raise ConfigError(f"--beta_jsd must lie in [0, 1], got {config.beta_jsd}")
     if config.beta <= 0:
         raise ConfigError(f"--beta must be positive, got {config.beta}")
-    if config.batch_size % config.micro_batch_size:
-        raise ConfigError(f"--batch_size={config.batch_size} is not a multiple of "
-                          f"--micro_batch_size={config.micro_batch_size}")
-    if config.rollout_batch_size < 0:
-        raise ConfigError(f"--rollout_batch_size must be 0 (a rank's whole step) or positive, got "
-                          f"{config.rollout_batch_size}")
+    if config.micro_batch_size < 1 or config.rollout_batch_size < 0:
+        raise ConfigError(f"--micro_batch_size must be positive and --rollout_batch_size 0 (a rank's whole step) or "
+                          f"positive, got {config.micro_batch_size} and {config.rollout_batch_size}")
 
 
 # ---- the toy world's checkpoint
@@ -272,10 +269,9 @@ class Trainer:
     def __init__(self, config):
         self.config = config
         self.rank, self.world, self.device = setup_distributed()
-        if config.batch_size % (config.micro_batch_size * self.world):
-            raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of --micro_batch_size x ranks "
-                              f"= {config.micro_batch_size} x {self.world}")
-        self.accumulation = config.batch_size // (config.micro_batch_size * self.world)
+        if config.batch_size % self.world:
+            raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of the number of ranks "
+                              f"({self.world})")
         kernels.compile_kernels = config.compile and self.device.type == "cuda"
 
         self.model = qwen3.load_qwen3(config.model, self.device, getattr(torch, config.dtype))
@@ -291,11 +287,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.lora_params, lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_scale)
         self.tokenizer = data.load_tokenizer(config.model)
-        self.end_of_turn = self.tokenizer.encode(data.IM_END)
         self.train_examples, self.eval_examples = self.load_data()
         self.student_prompts = [self.prompt(e, "student") for e in self.train_examples]
         self.teacher_prompts = ([self.prompt(e, "teacher") for e in self.train_examples]
                                 if config.loss != "sft" else None)
+        end_of_turn = self.tokenizer.encode(data.IM_END)
+        self.references = ([self.tokenizer.encode(e.solution) + end_of_turn for e in self.train_examples]
+                           if config.loss == "sft" else None)  # SFT's targets
         self.check_lengths()
         self.step = 0
         self.history = []  # evaluation results, for the learning curve
@@ -339,6 +337,11 @@ class Trainer:
                     raise data.DataError(f"{self.config.data or 'toy data'}: row {i}: the {role} prompt has "
                                          f"{len(prompt)} tokens; with --max_new_tokens={new_tokens} it exceeds "
                                          f"the model's context of {context}")
+        for i, (prompt, reference) in enumerate(zip(self.student_prompts, self.references or []), start=1):
+            if len(prompt) + len(reference) > context:
+                raise data.DataError(f"{self.config.data or 'toy data'}: row {i}: the student prompt and the reference "
+                                     f"solution have {len(prompt)} + {len(reference)} tokens, more than the model's "
+                                     f"context of {context}")
 
     # -- data order: a fresh permutation each epoch, a pure function of (seed, step) so resume is exact
 
@@ -413,21 +416,22 @@ class Trainer:
                                                    temperature=self.config.temperature, with_entropy=True)
         return logp, entropy, rows, hidden
 
-    def micro_step(self, indices, rollouts, rewards, stats):
+    def micro_step(self, indices, rollouts, rewards, normalizer, stats):
         """
-        The micro-batch's loss, backpropagated. indices: its examples; rollouts and rewards: role -> theirs, the
-        samples of a prompt next to each other, in prompt order (empty for SFT).
+        The micro-batch's share of the step's loss, backpropagated: the sum of its terms (tokens, or PBSD's pairs)
+        over normalizer, the step's count of terms per rank, so the micro-batches' shares add up to the mean over
+        the step however it is split. indices: its examples; rollouts and rewards: role -> theirs, the samples of a
+        prompt next to each other, in prompt order (empty for SFT).
         """
-        config, examples = self.config, [self.train_examples[i] for i in indices]
+        config = self.config
         timer = time.time()
         if config.loss == "sft":
-            prompts = [self.student_prompts[i] for i in indices]
-            responses = [self.tokenizer.encode(e.solution) + self.end_of_turn for e in examples]
-            logp, _, _, _ = self.score(prompts, responses, teacher=False)
-            loss = -logp.mean()
+            responses = [self.references[i] for i in indices]
+            logp, _, _, _ = self.score([self.student_prompts[i] for i in indices], responses, teacher=False)
+            loss = -logp.sum() / normalizer
             stats.add("response_length", [len(r) for r in responses])
             stats.add("train_seconds", [time.time() - timer])
-            (loss / self.accumulation).backward()
+            loss.backward()
             return loss.item()
 
         # student and teacher score the same responses, each after its own prompt
@@ -465,7 +469,7 @@ class Trainer:
             pair_loss, margin, label = kernels.pbsd_loss(student_sums[plus], teacher_sums[plus], student_sums[minus],
                                                          teacher_sums[minus], rewards[plus], rewards[minus],
                                                          beta=config.beta, label=config.pbsd_label)
-            loss = pair_loss.mean()
+            loss = pair_loss.sum() / normalizer
             stats.add("margin", margin.tolist())
             stats.add("label", label.tolist())
         elif config.loss == "opsd":
@@ -473,27 +477,41 @@ class Trainer:
                                                 beta=config.beta_jsd, temperature=config.temperature)
             if config.jsd_token_clip > 0:
                 divergence = divergence.clamp(max=config.jsd_token_clip)
-            loss = divergence.mean()
+            loss = divergence.sum() / normalizer
         else:  # opsd_sampled: the sampled-token advantage log p_T(y_t) - log p_S(y_t), a reverse-KL policy gradient
             advantage = (teacher_logp - student_logp).detach()
-            loss = -(advantage * student_logp).mean()
-        (loss / self.accumulation).backward()
+            loss = -(advantage * student_logp).sum() / normalizer
+        loss.backward()
         stats.add("train_seconds", [time.time() - timer])
         return loss.item()
 
     def accumulate(self, step, stats):
-        """Samples this rank's rollouts for the step, then scores and backpropagates them micro-batch by micro-batch."""
+        """
+        Samples this rank's rollouts for the step, then scores and backpropagates them micro-batch by micro-batch.
+        Returns the rank's share of the step's loss (their mean over ranks is the step's loss).
+        """
         config, batch = self.config, self.rank_batch(step)
-        if config.loss != "sft":
-            rollouts, rewards = self.sample(step, batch, stats)
-        else:
+        if config.loss == "sft":
             rollouts, rewards = {}, {}
-        losses = []
+            lengths = [len(self.references[i]) for _, i in batch]
+            terms = sum(lengths)
+        else:
+            rollouts, rewards = self.sample(step, batch, stats)
+            lengths = [max(len(r.tokens) for per_prompt in rollouts.values() for r in per_prompt[k])
+                       for k in range(len(batch))]
+            terms = (len(batch) * config.n_teacher * config.n_student if config.loss == "pbsd" else
+                     sum(len(r.tokens) for per_prompt in rollouts["student"] for r in per_prompt))
+        # the mean over the whole step's terms: ranks average their gradients, so each divides by the mean count
+        normalizer = self.all_mean(terms)
+        # each micro-batch pads its sequences to its longest: grouping prompts by length pads less, and the
+        # normalized loss does not depend on the grouping
+        order = sorted(range(len(batch)), key=lambda k: lengths[k])
+        loss = 0.0
         for first in range(0, len(batch), config.micro_batch_size):
-            micro = slice(first, first + config.micro_batch_size)
-            flat = lambda per_role: {role: sum(per_prompt[micro], []) for role, per_prompt in per_role.items()}
-            losses.append(self.micro_step([i for _, i in batch[micro]], flat(rollouts), flat(rewards), stats))
-        return sum(losses) / len(losses)
+            micro = order[first:first + config.micro_batch_size]
+            pick = lambda per_role: {role: [x for k in micro for x in per_prompt[k]] for role, per_prompt in per_role.items()}
+            loss += self.micro_step([batch[k][1] for k in micro], pick(rollouts), pick(rewards), normalizer, stats)
+        return loss
 
     # -- the optimizer step, with gradients averaged over ranks
 

@@ -865,7 +865,7 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
             p.normal_(std=0.1)
     hf = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = trainer.teacher_prompts[:3]
-    responses = [tokenizer.encode(e.solution) + trainer.end_of_turn for e in trainer.train_examples[:3]]
+    responses = [tokenizer.encode(e.solution) + tokenizer.encode(data.IM_END) for e in trainer.train_examples[:3]]
     logp, _, rows, _ = trainer.score(prompts, responses, teacher=True)
     expected = []
     for prompt, response in zip(prompts, responses):
@@ -893,34 +893,44 @@ def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path):
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002", "step_000004"]
 
 
-def test_how_a_step_is_split_does_not_change_it(tiny_with_tokenizer, train_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss", ["pbsd", "opsd", "sft"])
+def test_how_a_step_is_split_does_not_change_it(tiny_with_tokenizer, train_file, tmp_path, monkeypatch, loss):
     """
     A rank samples its whole step in one sampler call (both roles), or in calls of rollout_batch_size prompts;
-    either way, and whatever the micro-batches, every example draws the same rollouts from its own seed.
+    either way every example draws the same rollouts from its own seed. And whatever the micro-batches (uneven
+    ones too), the loss is the mean over the step's tokens (pairs for PBSD), so the update is the same.
     """
     path, _ = tiny_with_tokenizer
     calls = []
     generate = M.generate
     monkeypatch.setattr(M, "generate", lambda model, prompts, *args, **kwargs: calls.append(len(prompts)) or
                         generate(model, prompts, *args, **kwargs))
+    roles = {"pbsd": 2, "opsd": 1, "sft": 0}[loss]  # prompts sampled per example
+    splits = ((4, 0), (3, 0), (1, 3))  # (micro_batch_size, rollout_batch_size)
     runs = {}
-    for micro_batch_size, rollout_batch_size in ((4, 0), (2, 0), (1, 3)):
+    for micro_batch_size, rollout_batch_size in splits:
         calls.clear()
         trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path / f"{micro_batch_size}_{rollout_batch_size}",
                                              steps=2, batch_size=4, micro_batch_size=micro_batch_size,
-                                             rollout_batch_size=rollout_batch_size, n_student=2))
+                                             rollout_batch_size=rollout_batch_size, n_student=2, loss=loss))
+        # a third of the vocabulary ends a rollout: rollouts of different lengths, which a token mean weighs
+        trainer.tokenizer.eos_ids = tuple(range(0, trainer.model.config.vocab_size, 3))
         trainer.train()
-        # student and teacher prompts of 4 examples per step: one call, or calls of 3 and 1 examples
-        assert calls == ([8, 8] if rollout_batch_size == 0 else [6, 2, 6, 2])
-        runs[micro_batch_size, rollout_batch_size] = _lora_state(trainer.model)
-    # the same rollouts (their lengths and rewards, step by step); the updates differ by rounding, well below the
-    # learning rate's scale (1e-2) that a different rollout would show at
-    one_call = runs[4, 0]
-    for split in ((2, 0), (1, 3)):
-        assert all(torch.allclose(runs[split][n], one_call[n], rtol=0, atol=1e-4) for n in one_call), split
-        logged = [[json.loads(line) for line in open(tmp_path / f"{a}_{b}" / "metrics.jsonl")] for a, b in ((4, 0), split)]
-        for key in ("student_length", "teacher_length", "student_reward", "teacher_reward"):
-            assert [m[key] for m in logged[0]] == [m[key] for m in logged[1]], (split, key)
+        # 4 examples a step: one call, or calls of 3 and 1 examples
+        per_step = [4 * roles] if rollout_batch_size == 0 else [3 * roles, roles]
+        assert calls == (per_step * 2 if roles else [])
+        logged = [json.loads(line) for line in open(tmp_path / f"{micro_batch_size}_{rollout_batch_size}" / "metrics.jsonl")]
+        runs[micro_batch_size, rollout_batch_size] = _lora_state(trainer.model), logged
+        assert loss == "sft" or all(m["student_length"] < 6 for m in logged)
+    # the same rollouts (their lengths and rewards, step by step), the same loss; the updates differ by rounding,
+    # well below the learning rate's scale (1e-2) that a different rollout or weighting would show at
+    one_call, one_call_log = runs[splits[0]]
+    for split in splits[1:]:
+        lora, log = runs[split]
+        assert all(torch.allclose(lora[n], one_call[n], rtol=0, atol=1e-4) for n in one_call), split
+        for key in ("student_length", "teacher_length", "student_reward", "teacher_reward", "response_length"):
+            assert [m.get(key) for m in log] == [m.get(key) for m in one_call_log], (split, key)
+        assert [m["loss"] for m in log] == pytest.approx([m["loss"] for m in one_call_log], rel=1e-5)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_with_tokenizer, train_file, tmp_path):
@@ -944,6 +954,7 @@ sys.path.insert(0, {repo!r})
 import pbsd, model
 config = pbsd.Config(**json.loads({config!r}))
 trainer = pbsd.Trainer(config)
+trainer.tokenizer.eos_ids = tuple(range(0, trainer.model.config.vocab_size, 3))
 trainer.train()
 model.save_lora(trainer.model, os.path.join(config.out_dir, "rank%d" % trainer.rank))
 """
@@ -954,7 +965,10 @@ def test_ddp_two_ranks_match_one_process(tiny_with_tokenizer, train_file, tmp_pa
     from dataclasses import asdict
     from safetensors.torch import load_file
     path, _ = tiny_with_tokenizer
-    config = _train_config(path, train_file, tmp_path / "ddp", steps=2, batch_size=4, micro_batch_size=2)
+    # OPSD's loss is a mean over tokens, and a third of the vocabulary ends a rollout: the ranks hold different
+    # numbers of tokens, and only a normalization over both matches the single process
+    setting = dict(steps=2, batch_size=4, micro_batch_size=2, loss="opsd")
+    config = _train_config(path, train_file, tmp_path / "ddp", **setting)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(repo=REPO, config=json.dumps(asdict(config))))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -964,8 +978,8 @@ def test_ddp_two_ranks_match_one_process(tiny_with_tokenizer, train_file, tmp_pa
     rank0, rank1 = (load_file(str(tmp_path / "ddp" / f"rank{r}" / "adapter_model.safetensors")) for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
-    single = pbsd.Trainer(_train_config(path, train_file, tmp_path / "single", steps=2, batch_size=4,
-                                        micro_batch_size=2))
+    single = pbsd.Trainer(_train_config(path, train_file, tmp_path / "single", **setting))
+    single.tokenizer.eos_ids = tuple(range(0, single.model.config.vocab_size, 3))
     single.train()  # one process, two micro-batches of gradient accumulation over the same global batch
     M.save_lora(single.model, tmp_path / "single" / "adapter")
     alone = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
@@ -996,7 +1010,7 @@ def test_config_parsing():
         pbsd.parse_args(["--steps=many"])
     with pytest.raises(pbsd.ConfigError, match="--loss must be one of pbsd, opsd, opsd_sampled, sft"):
         pbsd.parse_args(["--loss=dpo"])
-    with pytest.raises(pbsd.ConfigError, match="--rollout_batch_size must be 0"):
+    with pytest.raises(pbsd.ConfigError, match="--rollout_batch_size 0 .a rank.s whole step. or positive, got 4 and -2"):
         pbsd.parse_args(["--model=/m", "--rollout_batch_size=-2"])
 
 
@@ -1021,6 +1035,11 @@ def test_bad_input_from_the_command_line(tiny_with_tokenizer, tmp_path):
     result = _run_pbsd(f"--model={path}", f"--data={long_problem}", f"--out_dir={tmp_path}", "--dtype=float32")
     assert result.returncode != 0 and "row 1: the student prompt has" in result.stderr
     assert "exceeds the model's context of 512" in result.stderr
+    long_solution = _write(tmp_path / "long_solution.jsonl",
+                           json.dumps({"problem": "1+1?", "solution": "Ava has 3 pens. " * 100 + "\\boxed{2}"}))
+    result = _run_pbsd(f"--model={path}", f"--data={long_solution}", f"--out_dir={tmp_path}", "--dtype=float32",
+                       "--loss=sft", "--max_new_tokens=8")
+    assert result.returncode != 0 and "row 1: the student prompt and the reference solution have" in result.stderr
 
 
 def test_toy_world_shortened(tmp_path):

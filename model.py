@@ -561,7 +561,7 @@ def shift_right(z, bits):
 
 
 def mix64(z):
-    """splitmix64's finaliser, on int64 tensors (or Python ints already reduced to int64)."""
+    """splitmix64's finaliser, on int64 tensors."""
     z = (z ^ shift_right(z, 30)) * MIX_1
     z = (z ^ shift_right(z, 27)) * MIX_2
     return z ^ shift_right(z, 31)
@@ -733,10 +733,11 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     Samples continuations of each prompt (lists of token ids, any lengths), prefilling each prompt once.
     num_samples: how many per prompt, one number or one per prompt. adapters: None samples every prompt with the
     model as it is; a bool per prompt samples it with the LoRA adapters on (the student) or off (the teacher),
-    both roles in one batch. seed: one number for the call, or one per prompt; a prompt's samples then depend on
-    its own seed only, not on the prompts beside it (None: a seed drawn from torch's global generator). Returns one Rollout per sample, the samples of a prompt next to each other, in
-    prompt order. compile: torch.compile the decode step, and on CUDA record it as CUDA graphs, so a step costs
-    one graph launch.
+    both roles in one batch. seed: one per prompt, so that a prompt's samples depend on its own seed and not on
+    the prompts beside it; or one number for the call, which gives prompt p its p-th child seed; or None, a
+    number drawn from torch's global generator. Returns one Rollout per sample, the samples of a prompt next to
+    each other, in prompt order. compile: torch.compile the decode step, and on CUDA record it as CUDA graphs, so
+    a step costs one graph launch.
     """
     device = model.embed_tokens.weight.device
     config = model.config

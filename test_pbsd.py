@@ -320,6 +320,38 @@ def test_first_token_frequencies_follow_softmax(tiny):
     assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
 
 
+def test_two_token_frequencies_follow_the_model(tiny):
+    """
+    The joint frequencies of the first two sampled tokens (top-k 5: 25 pairs) against the model's
+    P(t1) P(t2 | t1), each factor renormalized over its top 5: the second step's draw (a later counter of the
+    row's stream, through the KV cache) and its independence from the first are checked together.
+    """
+    from scipy.stats import chisquare
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    prompt, temperature, n = _prompts([6], seed=2)[0], 1.5, 6000
+
+    def top5(logits):  # (B, V) -> (B, V) probabilities, zero outside each row's top 5
+        logits = logits.double() / temperature
+        kept = logits >= logits.topk(5, dim=-1).values[:, -1:]
+        return logits.masked_fill(~kept, float("-inf")).softmax(-1)
+
+    with torch.no_grad():
+        first = top5(ours.logits(ours(torch.tensor([prompt])))[:, -1])[0]  # (V,)
+        extended = torch.tensor([prompt + [t] for t in range(len(first))])
+        second = top5(ours.logits(ours(extended))[:, -1])  # (V, V): row t1 -> P(t2 | t1)
+    joint = first[:, None] * second  # (V, V)
+    rollouts = M.generate(ours, [prompt], 2, temperature=temperature, top_k=5, num_samples=n, seed=3)
+    pairs = torch.tensor([r.tokens for r in rollouts])
+    counts = torch.zeros_like(joint).index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(n, dtype=joint.dtype),
+                                                accumulate=True)
+    support = joint > 0
+    assert counts[~support].sum() == 0 and support.sum() == 25
+    observed, expected = counts[support], joint[support] * n
+    assert expected.min() >= 5
+    assert chisquare(observed.numpy(), expected.numpy() / expected.sum() * n).pvalue > 1e-3
+
+
 def test_top_k_and_top_p_stay_in_the_kept_set(tiny):
     path, _ = tiny
     ours = M.load_qwen3(path, dtype=torch.float32)

@@ -314,13 +314,15 @@ def bench_kernels():
 
 def pbsd_step():
     """
-    A PBSD step on prompts of random tokens, as two functions: generation() samples both roles in one batch, as
-    the loop does; training() scores the rollouts with both models and takes the optimizer step.
+    A PBSD step on prompts of random tokens, as functions: generation() samples both roles of every prompt in one
+    batch, as the loop does; generation_per_micro_batch() makes one call per micro_batch prompts instead, as the
+    loop did before 0cb02b5; training() scores the rollouts with both models and takes the optimizer step.
     """
     import pbsd
     shape = QWEN3_1_7B if CUDA else CPU_SHAPE
     dtype = torch.bfloat16 if CUDA else torch.float32
     prompts_per_step, prompt_len, new_tokens = (16, 256, 1024) if CUDA else (4, 32, 32)
+    micro_batch = 4 if CUDA else 1  # prompts: the loop's default, and its CPU stand-in
     kernels.compile_kernels = CUDA
     model = random_model(shape, dtype)
     model.gradient_checkpointing = CUDA
@@ -336,6 +338,15 @@ def pbsd_step():
         rollouts = qwen3.generate(model, student_prompts + teacher_prompts, new_tokens, seed=0, compile=CUDA,
                                   adapters=[True] * prompts_per_step + [False] * prompts_per_step)
         responses[:] = [r.tokens for r in rollouts]
+
+    def generation_per_micro_batch():
+        new = 0
+        for first in range(0, prompts_per_step, micro_batch):
+            part = slice(first, first + micro_batch)
+            rollouts = qwen3.generate(model, student_prompts[part] + teacher_prompts[part], new_tokens, seed=0,
+                                      compile=CUDA, adapters=[True] * micro_batch + [False] * micro_batch)
+            new += sum(len(r.tokens) for r in rollouts)
+        return new
 
     def training():
         weight = model.lm_head_weight
@@ -355,8 +366,9 @@ def pbsd_step():
         optimizer.zero_grad(set_to_none=True)
 
     generation()
-    return dict(model=model, generation=generation, training=training, responses=responses,
-                student_prompts=student_prompts, teacher_prompts=teacher_prompts, new_tokens=new_tokens)
+    return dict(model=model, generation=generation, generation_per_micro_batch=generation_per_micro_batch,
+                training=training, responses=responses, student_prompts=student_prompts,
+                teacher_prompts=teacher_prompts, new_tokens=new_tokens, micro_batch=micro_batch)
 
 
 def bench_train():
@@ -364,8 +376,10 @@ def bench_train():
     step = pbsd_step()
     model, responses = step["model"], step["responses"]
     generation_seconds = timed(step["generation"], repeats=1)
-    training_seconds = timed(step["training"], repeats=2)
     new = sum(len(r) for r in responses)
+    new_per_micro_batch = step["generation_per_micro_batch"]()  # also the warm-up: its call shape is new
+    per_micro_batch_seconds = timed(step["generation_per_micro_batch"], repeats=1, warmup=False)
+    training_seconds = timed(step["training"], repeats=2)
     trained = sum(len(p) for p in step["student_prompts"]) * 2 + new  # student forward + backward, prompt + response
     teacher_tokens = sum(len(p) for p in step["teacher_prompts"]) * 2 + new
     params = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # matmul weights (tied head counted once)
@@ -373,7 +387,9 @@ def bench_train():
     # with gradient checkpointing; the teacher forward 2 P per token
     flops = trained * params * (6 if CUDA else 4) + teacher_tokens * params * 2
     mfu = flops / training_seconds / (H100_BF16_TFLOPS * 1e12) if CUDA else float("nan")
-    rows = [["rollout tokens/s", f"{new / generation_seconds:,.0f}"],
+    rows = [["rollout tokens/s (the step in one call)", f"{new / generation_seconds:,.0f}"],
+            [f"rollout tokens/s (a call per micro-batch of {step['micro_batch']})",
+             f"{new_per_micro_batch / per_micro_batch_seconds:,.0f}"],
             ["trained tokens/s", f"{trained / training_seconds:,.0f}"],
             ["training MFU (H100 bf16 dense)", fmt(100 * mfu, ".1f", "%")],
             ["time in generation", f"{100 * generation_seconds / (generation_seconds + training_seconds):.0f}%"],

@@ -1107,6 +1107,7 @@ def test_bench_train_profile_and_decode_run(tmp_path):
                   "decode parts: matrix-vector products", "decode parts: attention"):
         assert title in result.stdout
     assert "aten::mm" in result.stdout  # the profile names the ops it measured
+    assert "rollout tokens/s (a call per micro-batch of 1)" in result.stdout
     for trace in ("sampler_decode.json", "training_step.json"):
         assert json.load(open(tmp_path / "out" / "bench_profile" / trace))["traceEvents"]
 

@@ -394,6 +394,11 @@ def test_compiled_sampler_equals_eager_and_compiles_once(tiny, monkeypatch):
         compiled = M.generate(ours, prompts, 20, temperature=0, compile=True)
         assert compiled == M.generate(ours, prompts, 20, temperature=0)
     assert counters["stats"]["unique_graphs"] == 1
+    # sampled, the noise drawn inside the step: one more graph, whatever the step, window and batch
+    for lengths in ([5, 9, 2], [3, 30, 12, 7]):
+        prompts = _prompts(lengths, seed=len(lengths))
+        assert M.generate(ours, prompts, 20, seed=1, compile=True) == M.generate(ours, prompts, 20, seed=1)
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import eval as E
@@ -890,6 +891,76 @@ def test_one_step_of_each_objective(tiny_with_tokenizer, train_file, tmp_path, l
             assert not torch.equal(p, lora_before[name]), name
         else:
             assert torch.equal(p, base_before[name]), name
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT asks it
+@pytest.mark.parametrize("loss", ["pbsd", "opsd", "opsd_sampled", "sft"])
+def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, train_file, tmp_path, loss):
+    """
+    The loss the loop logs for a step of 4 prompts in 4 micro-batches, against the objective written out in
+    float64 on transformers' logits: the student is transformers' Qwen3 with our adapter loaded by PEFT, the
+    teacher the same Qwen3 without it, each after its own prompt; the rollouts are those the loop samples.
+    """
+    peft = pytest.importorskip("peft")
+    import transformers
+    path, _ = tiny_with_tokenizer
+    temperature, beta = 0.8, 0.1
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, loss=loss, batch_size=4, micro_batch_size=1,
+                                         n_student=2, n_teacher=2, temperature=temperature, beta=beta))
+    trainer.tokenizer.eos_ids = tuple(range(0, trainer.model.config.vocab_size, 3))  # rollouts of several lengths
+    with torch.no_grad():
+        for p in trainer.lora_params:
+            p.normal_(std=0.1)
+    M.save_lora(trainer.model, tmp_path / "adapter", base_model_name_or_path=path)
+    teacher = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    student = peft.PeftModel.from_pretrained(transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                             str(tmp_path / "adapter")).eval()
+    batch = trainer.rank_batch(0)
+    if loss != "sft":  # the seeds follow from the step and the positions: the loop will sample these again
+        rollouts, rewards = trainer.sample(0, batch, pbsd.Stats())
+    trainer.train()
+    logged = json.loads(open(tmp_path / "metrics.jsonl").readline())["loss"]
+
+    def logp(model, prompt, response):  # (len(response), V): the log-probs that predict the response's tokens
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0].double() / temperature
+        return logits[len(prompt) - 1:len(prompt) + len(response) - 1].log_softmax(-1)
+
+    def picked(logps, response):
+        return logps.gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+    student_prompts = [trainer.student_prompts[i] for _, i in batch]
+    if loss == "sft":
+        references = [trainer.references[i] for _, i in batch]
+        expected = -torch.cat([picked(logp(student, p, r), r) for p, r in zip(student_prompts, references)]).mean()
+    elif loss == "pbsd":
+        teacher_prompts = [trainer.teacher_prompts[i] for _, i in batch]
+        score = lambda k, y: (picked(logp(student, student_prompts[k], y), y).sum()
+                              - picked(logp(teacher, teacher_prompts[k], y), y).sum())  # s(y)
+        pair_losses = []
+        for k in range(len(batch)):
+            for plus, reward_plus in zip(rollouts["teacher"][k], rewards["teacher"][k]):
+                for minus, reward_minus in zip(rollouts["student"][k], rewards["student"][k]):
+                    margin = beta * (score(k, plus.tokens) - score(k, minus.tokens))
+                    z = torch.sigmoid(torch.tensor(reward_plus - reward_minus, dtype=torch.float64))
+                    pair_losses.append(-(z * F.logsigmoid(margin) + (1 - z) * F.logsigmoid(-margin)))
+        assert len(pair_losses) == 16
+        expected = torch.stack(pair_losses).mean()
+    else:
+        teacher_prompts = [trainer.teacher_prompts[i] for _, i in batch]
+        per_token = []
+        for k in range(len(batch)):
+            for rollout in rollouts["student"][k]:
+                S, T = logp(student, student_prompts[k], rollout.tokens), logp(teacher, teacher_prompts[k], rollout.tokens)
+                if loss == "opsd":  # JSD with beta_jsd 0.5, from the probabilities
+                    mixture = (0.5 * (T.exp() + S.exp())).log()
+                    per_token.append(0.5 * (T.exp() * (T - mixture)).sum(-1) + 0.5 * (S.exp() * (S - mixture)).sum(-1))
+                else:  # the sampled-token advantage times the student's log-prob
+                    advantage = picked(T, rollout.tokens) - picked(S, rollout.tokens)
+                    per_token.append(-advantage * picked(S, rollout.tokens))
+        assert len({len(t) for t in per_token}) > 1  # rollouts of different lengths: a token mean weighs them
+        expected = torch.cat(per_token).mean()
+    assert logged == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
 
 def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_file, tmp_path):

@@ -15,6 +15,7 @@ y+ and an on-policy student sample y-, solved with the logistic loss of kernels.
 Every --key=value overrides a field of Config (below); `python pbsd.py --help` lists them.
 """
 
+import inspect
 import json
 import math
 import os
@@ -760,10 +761,11 @@ def print_toy_table(history, config, seconds):
 
 
 def main(argv):
-    if argv and argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):  # the fields as written, each with its default and comment
         print(__doc__)
-        for f in fields(Config):
-            print(f"  --{f.name}={f.default!r}")
+        print("\n".join(inspect.getsource(Config).splitlines()[2:]))
+        print("\nWithout --model (the toy world) these defaults change:",
+              " ".join(f"--{k}={v!r}" for k, v in TOY_WORLD.items()))
         return
     start = time.time()
     config = parse_args(argv)

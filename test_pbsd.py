@@ -1129,6 +1129,8 @@ def _run_pbsd(*args):
 
 def test_bad_input_from_the_command_line(tiny_with_tokenizer, tmp_path):
     path, _ = tiny_with_tokenizer
+    result = _run_pbsd("--help")  # every field with its default and its comment
+    assert result.returncode == 0 and "    beta: float = 0.1  # PBSD KL weight" in result.stdout
     result = _run_pbsd(f"--model={tmp_path / 'nope'}", "--data=x.jsonl")
     assert result.returncode != 0 and "checkpoint folder does not exist" in result.stderr
     result = _run_pbsd("--model=x", "--learning_rate=1")

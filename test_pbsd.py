@@ -831,11 +831,18 @@ def test_eval_command_line(tiny_with_tokenizer, tmp_path):
     _write(tmp_path / "eval.jsonl", "\n".join(json.dumps(r) for r in rows))
     result = subprocess.run([sys.executable, "eval.py", f"--model={path}", f"--data={tmp_path / 'eval.jsonl'}",
                              "--k", "2", "--max_new_tokens=4", f"--out={tmp_path / 'out'}"],
-                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                            capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "Avg@2" in result.stdout
     assert len(open(tmp_path / "out" / "samples.jsonl").readlines()) == 6
     assert json.load(open(tmp_path / "out" / "summary.json"))["n_problems"] == 3
+    # two ranks (gloo) split the problems, each sampling with the seed it has in one process: the same samples
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "eval.py", f"--model={path}", f"--data={tmp_path / 'eval.jsonl'}", "--k", "2",
+                             "--max_new_tokens=4", f"--out={tmp_path / 'out2'}"], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert open(tmp_path / "out2" / "samples.jsonl").read() == open(tmp_path / "out" / "samples.jsonl").read()
 
 
 # ---- pbsd.py: the training loop

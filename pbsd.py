@@ -377,18 +377,20 @@ class Trainer:
         chunk = config.rollout_batch_size or len(batch)
         for start in range(0, len(batch), chunk):
             part = batch[start:start + chunk]
-            calls = [(role, position, index) for role in roles for position, index in part]
+            requests = [(role, position, index) for role in roles for position, index in part]  # per prompt
             sampled = iter(qwen3.generate(
                 self.model, [self.teacher_prompts[i] if role == "teacher" else self.student_prompts[i]
-                             for role, _, i in calls], config.max_new_tokens,
+                             for role, _, i in requests], config.max_new_tokens,
                 temperature=config.temperature, top_p=config.top_p, eos_ids=self.tokenizer.eos_ids,
-                seed=[rollout_seed(config.seed, step, position, roles.index(role)) for role, position, _ in calls],
-                num_samples=[counts[role] for role, _, _ in calls], adapters=[role == "student" for role, _, _ in calls],
+                seed=[rollout_seed(config.seed, step, position, roles.index(role)) for role, position, _ in requests],
+                num_samples=[counts[role] for role, _, _ in requests],
+                adapters=[role == "student" for role, _, _ in requests],
                 compile=config.compile))
-            for role, _, _ in calls:
+            for role, _, _ in requests:
                 rollouts[role].append([next(sampled) for _ in range(counts[role])])
         stats.add("generation_seconds", [time.time() - timer])
-        stats.add("rollout_tokens", [len(r.tokens) for role in roles for per_prompt in rollouts[role] for r in per_prompt])
+        stats.add("rollout_tokens", [len(r.tokens) for role in roles for per_prompt in rollouts[role]
+                                     for r in per_prompt])
 
         rewards = {}
         for role in roles:
@@ -510,7 +512,8 @@ class Trainer:
         loss = 0.0
         for first in range(0, len(batch), config.micro_batch_size):
             micro = order[first:first + config.micro_batch_size]
-            pick = lambda per_role: {role: [x for k in micro for x in per_prompt[k]] for role, per_prompt in per_role.items()}
+            pick = lambda per_role: {role: [x for k in micro for x in per_prompt[k]]
+                                     for role, per_prompt in per_role.items()}
             loss += self.micro_step([batch[k][1] for k in micro], pick(rollouts), pick(rewards), normalizer, stats)
         return loss
 

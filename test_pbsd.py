@@ -958,7 +958,8 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
         per_token = []
         for k in range(len(batch)):
             for rollout in rollouts["student"][k]:
-                S, T = logp(student, student_prompts[k], rollout.tokens), logp(teacher, teacher_prompts[k], rollout.tokens)
+                S = logp(student, student_prompts[k], rollout.tokens)
+                T = logp(teacher, teacher_prompts[k], rollout.tokens)
                 if loss == "opsd":  # JSD with beta_jsd 0.5, from the probabilities
                     mixture = (0.5 * (T.exp() + S.exp())).log()
                     per_token.append(0.5 * (T.exp() * (T - mixture)).sum(-1) + 0.5 * (S.exp() * (S - mixture)).sum(-1))

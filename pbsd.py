@@ -26,6 +26,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -542,7 +543,7 @@ class Trainer:
         config = self.config
         if config.resume:
             self.load_checkpoint()
-        self.log_config()
+        self.start_out_dir()
         if self.step == 0 and self.eval_examples:
             self.evaluate()
         last_step = min(config.steps, until_step or config.steps)
@@ -621,10 +622,31 @@ class Trainer:
             plot_learning_curve(self.history, os.path.join(config.out_dir, "learning_curve.png"),
                                 os.path.join(config.out_dir, "metrics.jsonl"))
 
-    def log_config(self):
-        if self.rank == 0:
-            os.makedirs(self.config.out_dir, exist_ok=True)
-            json.dump(asdict(self.config), open(os.path.join(self.config.out_dir, "config.json"), "w"), indent=2)
+    def start_out_dir(self):
+        """
+        A run starting at step 0 moves an earlier run's files in out_dir (log, plot, config, checkpoints) to
+        out_dir/earlier_runs/<time>/, so that runs never mix and a later --resume never picks up another run, and
+        nothing is deleted; a resumed run drops the log lines after its checkpoint's step, which it runs again.
+        """
+        if self.rank != 0:
+            return
+        out_dir, metrics = self.config.out_dir, os.path.join(self.config.out_dir, "metrics.jsonl")
+        os.makedirs(out_dir, exist_ok=True)
+        if self.step > 0 and self.config.resume and os.path.exists(metrics):
+            kept = [line for line in open(metrics) if json.loads(line)["step"] <= self.step]
+            qwen3.atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(kept)))
+        elif self.step == 0:
+            earlier = [n for n in ("metrics.jsonl", "learning_curve.png", "config.json", "checkpoints")
+                       if os.path.exists(os.path.join(out_dir, n))]
+            if earlier:
+                archive = os.path.join(out_dir, "earlier_runs", time.strftime("%Y%m%d-%H%M%S"))
+                os.makedirs(archive)
+                for name in earlier:
+                    os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
+                print(f"[pbsd] {out_dir} held an earlier run; moved its {', '.join(earlier)} to {archive} "
+                      f"(--resume continues a run instead)", file=sys.stderr)
+        qwen3.atomic_write(os.path.join(out_dir, "config.json"),
+                           lambda tmp: Path(tmp).write_text(json.dumps(asdict(self.config), indent=2)))
 
     def log(self, record):
         if self.rank == 0:

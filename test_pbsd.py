@@ -999,7 +999,7 @@ def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path):
     straight = pbsd.Trainer(_train_config(path, train_file, tmp_path / "a", steps=4, save_every=2))
     straight.train()
     interrupted = pbsd.Trainer(_train_config(path, train_file, tmp_path / "b", steps=4, save_every=2))
-    interrupted.train(until_step=2)
+    interrupted.train(until_step=3)  # stopped after step 3, its last checkpoint at step 2
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002"]
     resumed = pbsd.Trainer(_train_config(path, train_file, tmp_path / "b", steps=4, save_every=2, resume=True))
     resumed.train()
@@ -1007,6 +1007,8 @@ def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path):
     expected, got = _lora_state(straight.model), _lora_state(resumed.model)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002", "step_000004"]
+    # the log holds each step once: the lines of the step run again after the checkpoint were dropped
+    assert [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("loss", ["pbsd", "opsd", "sft"])
@@ -1176,6 +1178,12 @@ def test_toy_world_shortened(tmp_path):
     transformers.Qwen3ForCausalLM.from_pretrained(str(base))  # the toy checkpoint is a real HF folder
     again = _run_pbsd(*args)
     assert again.returncode == 0 and "building the toy world" not in again.stderr  # the warm start is cached
+    # the first run's files moved aside, not mixed with the second's nor deleted
+    earlier, = (tmp_path / "earlier_runs").iterdir()
+    assert (earlier / "checkpoints" / "step_000002" / "adapter_model.safetensors").exists()
+    for run in (earlier, tmp_path):
+        steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if "loss" in line]
+        assert steps == [1, 2], run
 
 
 # ---- on a GPU only (skipped on the CPU machine): the compiled and CUDA-graph paths

@@ -66,13 +66,14 @@ class Progress:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, max_new_tokens=2048, batch_size=64,
-             thinking=False, template=None, role="student", seed=None, show_progress=True):
+             thinking=False, template=None, role="student", seed=None, compile=False, show_progress=True):
     """
     Samples k answers per problem and grades them. batch_size counts sampled rows, so each sampler call holds
     max(1, batch_size // k) problems. seed: one number, or one per problem; problem i's samples depend on its own
     seed only (the i-th child of a single seed), so the results do not depend on batch_size or on how the problems
-    are split across ranks. role "teacher" prompts with the reference solution (wrap the call in
-    adapters_off for the frozen teacher). Returns a summary dict with per-problem results.
+    are split across ranks. compile: compile the sampler's decode step (on CUDA, replayed as CUDA graphs), as
+    generate does. role "teacher" prompts with the reference solution (wrap the call in adapters_off for the
+    frozen teacher). Returns a summary dict with per-problem results.
     """
     make_prompt = data.teacher_prompt if role == "teacher" else data.student_prompt
     problems_per_call = max(1, batch_size // k)
@@ -84,7 +85,7 @@ def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, ma
         batch = examples[start:start + problems_per_call]
         prompts = [make_prompt(e, tokenizer, thinking, template) for e in batch]
         rollouts = qwen3.generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                                  eos_ids=tokenizer.eos_ids, num_samples=k,
+                                  eos_ids=tokenizer.eos_ids, num_samples=k, compile=compile,
                                   seed=None if seed is None else seed[start:start + problems_per_call])
         for i, example in enumerate(batch):
             samples = rollouts[i * k:(i + 1) * k]
@@ -160,6 +161,8 @@ def main(argv=None):
     parser.add_argument("--thinking", action="store_true")
     parser.add_argument("--template", help="student prompt template with {problem} (default: the task's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eager", action="store_true",
+                        help="sample without torch.compile and CUDA graphs (a GPU uses them otherwise)")
     parser.add_argument("--out", default="eval_out", help="folder for samples.jsonl and summary.json")
     args = parser.parse_args(argv)
 
@@ -185,7 +188,7 @@ def main(argv=None):
     summary = evaluate_across_ranks(model, tokenizer, examples, k=args.k, temperature=args.temperature,
                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                     batch_size=args.batch_size, thinking=args.thinking, template=args.template,
-                                    seed=args.seed)
+                                    seed=args.seed, compile=device.type == "cuda" and not args.eager)
     results = summary["per_problem"]
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)

@@ -602,7 +602,7 @@ class Trainer:
         kwargs = dict(k=config.eval_k, temperature=config.temperature, top_p=config.top_p,
                       max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
                       batch_size=config.micro_batch_size * config.eval_k, thinking=config.thinking,
-                      seed=config.seed + 12345, show_progress=False)
+                      seed=config.seed + 12345, compile=config.compile, show_progress=False)
         self.model.eval()
         student = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
                                                    template=config.student_template or None, **kwargs)

@@ -808,7 +808,7 @@ def tiny_with_tokenizer(tmp_path_factory):
     return str(path), tokenizer
 
 
-def test_evaluate_end_to_end(tiny_with_tokenizer, tmp_path):
+def test_evaluate_end_to_end(tiny_with_tokenizer, tmp_path, monkeypatch):
     path, tokenizer = tiny_with_tokenizer
     ours = M.load_qwen3(path, dtype=torch.float32)
     examples = data.synthetic_math(5, seed=9)
@@ -822,6 +822,13 @@ def test_evaluate_end_to_end(tiny_with_tokenizer, tmp_path):
     for batch_size in (3, 15):
         assert summary == E.evaluate(ours, tokenizer, examples, k=3, max_new_tokens=6, batch_size=batch_size, seed=0,
                                      show_progress=False)
+    compiled = []
+    generate = M.generate
+    monkeypatch.setattr(M, "generate", lambda *args, **kwargs: compiled.append(kwargs["compile"]) or
+                        generate(*args, **kwargs))
+    assert summary == E.evaluate(ours, tokenizer, examples, k=3, max_new_tokens=6, batch_size=6, seed=0,
+                                 compile=True, show_progress=False)
+    assert compiled == [True, True, True]  # the compiled sampler, in each of the three calls
 
 
 def test_eval_command_line(tiny_with_tokenizer, tmp_path):

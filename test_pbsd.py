@@ -145,6 +145,7 @@ def test_lora_identity_grads_teacher_merge_and_roundtrip(tiny, tmp_path):
     assert (model.logits(model(ids)) - student_logits).abs().max() < 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT asks it
 def test_peft_loads_our_adapter(tiny, tmp_path):
     peft = pytest.importorskip("peft")
     path, hf = tiny

@@ -80,7 +80,7 @@ def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, ma
     progress = Progress(len(examples), f"eval {role}", show_progress)
     results, reward_sum = [], 0.0
     if isinstance(seed, int):
-        seed = [qwen3.sub_seed(seed, i) for i in range(len(examples))]
+        seed = qwen3.child_seeds(seed, len(examples))
     for start in range(0, len(examples), problems_per_call):
         batch = examples[start:start + problems_per_call]
         prompts = [make_prompt(e, tokenizer, thinking, template) for e in batch]
@@ -123,7 +123,7 @@ def evaluate_across_ranks(model, tokenizer, examples, **kwargs):
         return evaluate(model, tokenizer, examples, **kwargs)
     rank, world = dist.get_rank(), dist.get_world_size()
     if isinstance(kwargs.get("seed"), int):  # each problem keeps the seed it has in a one-process run
-        kwargs["seed"] = [qwen3.sub_seed(kwargs["seed"], i) for i in range(len(examples))][rank::world]
+        kwargs["seed"] = qwen3.child_seeds(kwargs["seed"], len(examples))[rank::world]
     kwargs["show_progress"] = kwargs.get("show_progress", True) and rank == 0
     mine = evaluate(model, tokenizer, examples[rank::world], **kwargs)
     gathered = [None] * world

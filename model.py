@@ -576,6 +576,11 @@ def sub_seed(seed, index):
     return mix64(torch.tensor(as_int64(seed + (index + 1) * GOLDEN))).item()
 
 
+def child_seeds(seed, count):
+    """The keys of seed's first count children: what an int seed gives the prompts (or problems) 0..count-1."""
+    return [sub_seed(seed, index) for index in range(count)]
+
+
 def exponential_noise(row_key, step, vocab_size):
     """row_key (B,) int64, step (1,) int64 -> (B, V) fp32 Exp(1) draws, the row's stream at step * V + id + 1."""
     counter = step * vocab_size + torch.arange(1, vocab_size + 1, device=row_key.device)  # (V,)
@@ -622,8 +627,13 @@ class DecodeState(NamedTuple):
     adapter_rows: torch.Tensor  # (B, 1, 1) 1 on the rows sampled with the LoRA adapters on, 0 with them off
 
 
-def record_token(state, token):
-    """token (B,) -> written into new_tokens (as -1 for finished rows) and fed to the next step."""
+def sample_and_record(state, logits, temperature, top_k, top_p):
+    """
+    logits (B, V) fp32 -> every row's next token, drawn with the row's own noise for this column, written into
+    new_tokens (as -1 for finished rows) and fed to the next step.
+    """
+    noise = None if temperature == 0 else exponential_noise(state.row_key, state.column, logits.shape[-1])
+    token = sample_token(logits, noise, temperature, top_k, top_p)  # (B,)
     state.new_tokens.index_copy_(1, state.column, token.masked_fill(state.done, -1)[:, None])
     state.done.logical_or_(torch.isin(token, state.eos))
     state.token.copy_(token[:, None])
@@ -640,9 +650,7 @@ def decode_step(model, caches, state, window, temperature, top_k, top_p):
     written = state.new_slot[:window] & (attended <= state.slot)  # (W,)
     mask = (state.prompt_valid[:, :window] | written)[:, None, None, :]  # (B, 1, 1, W)
     hidden = model(state.token, position_ids=state.position, caches=caches, cache_index=state.slot, mask=mask)
-    logits = model.logits(hidden[:, -1]).float()  # (B, V)
-    noise = None if temperature == 0 else exponential_noise(state.row_key, state.column, logits.shape[-1])
-    record_token(state, sample_token(logits, noise, temperature, top_k, top_p))
+    sample_and_record(state, model.logits(hidden[:, -1]).float(), temperature, top_k, top_p)
     state.slot.add_(1)
     state.position.add_(1)
 
@@ -756,11 +764,11 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
     if seed is None:
         seed = int(torch.randint(2**62, ()))
-    prompt_seeds = [sub_seed(seed, p) for p in range(n_prompts)] if isinstance(seed, int) else list(seed)
+    prompt_seeds = child_seeds(seed, n_prompts) if isinstance(seed, int) else list(seed)
     if len(prompt_seeds) != n_prompts:
         raise ValueError(f"generate: seed must be one number, or one per prompt ({n_prompts}); got {len(prompt_seeds)}")
     # sample j of prompt p draws its noise from the j-th child of the prompt's seed
-    row_keys = [sub_seed(prompt_seeds[p], j) for p in range(n_prompts) for j in range(samples[p])]
+    row_keys = [key for p in range(n_prompts) for key in child_seeds(prompt_seeds[p], samples[p])]
 
     input_ids = torch.zeros(n_prompts, prompt_len, dtype=torch.long)
     attention_mask = torch.zeros(n_prompts, prompt_len, dtype=torch.bool)
@@ -810,8 +818,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
                 _compiled_decode_step.append(torch.compile(decode_step, fullgraph=True, dynamic=True))
             step_fn = _compiled_decode_step[0]
         lora_on = any(m.enabled for _, m in lora_modules(model))
-        noise = None if temperature == 0 else exponential_noise(state.row_key, state.column, config.vocab_size)
-        record_token(state, sample_token(logits, noise, temperature, top_k, top_p))
+        sample_and_record(state, logits, temperature, top_k, top_p)
         with adapters_on_rows(model, None if adapters is None else state.adapter_rows):
             for step in range(1, max_new_tokens):
                 if step % 32 == 0 and bool(state.done.all()):

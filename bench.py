@@ -314,9 +314,10 @@ def bench_kernels():
 
 def pbsd_step():
     """
-    A PBSD step on prompts of random tokens, as functions: generation() samples both roles of every prompt in one
-    batch, as the loop does; generation_per_micro_batch() makes one call per micro_batch prompts instead, as the
-    loop did before 0cb02b5; training() scores the rollouts with both models and takes the optimizer step.
+    A PBSD step on prompts of random tokens, as functions: generation(prompts_per_call) samples both roles of
+    prompts_per_call prompts per sampler call (all of them, as the loop does; micro_batch of them, as the loop did
+    before 0cb02b5) and returns the new tokens; training() scores the rollouts with both models and takes the
+    optimizer step.
     """
     import pbsd
     shape = QWEN3_1_7B if CUDA else CPU_SHAPE
@@ -334,19 +335,16 @@ def pbsd_step():
     teacher_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, 2 * prompt_len)).tolist()
     responses = []
 
-    def generation():
-        rollouts = qwen3.generate(model, student_prompts + teacher_prompts, new_tokens, seed=0, compile=CUDA,
-                                  adapters=[True] * prompts_per_step + [False] * prompts_per_step)
-        responses[:] = [r.tokens for r in rollouts]
-
-    def generation_per_micro_batch():
-        new = 0
-        for first in range(0, prompts_per_step, micro_batch):
-            part = slice(first, first + micro_batch)
+    def generation(prompts_per_call=prompts_per_step):
+        student, teacher = [], []  # the responses in the order training() scores them: student rows first
+        for first in range(0, prompts_per_step, prompts_per_call):
+            part = slice(first, first + prompts_per_call)
             rollouts = qwen3.generate(model, student_prompts[part] + teacher_prompts[part], new_tokens, seed=0,
-                                      compile=CUDA, adapters=[True] * micro_batch + [False] * micro_batch)
-            new += sum(len(r.tokens) for r in rollouts)
-        return new
+                                      compile=CUDA, adapters=[True] * prompts_per_call + [False] * prompts_per_call)
+            student += [r.tokens for r in rollouts[:prompts_per_call]]
+            teacher += [r.tokens for r in rollouts[prompts_per_call:]]
+        responses[:] = student + teacher
+        return sum(len(r) for r in responses)
 
     def training():
         weight = model.lm_head_weight
@@ -366,8 +364,8 @@ def pbsd_step():
         optimizer.zero_grad(set_to_none=True)
 
     generation()
-    return dict(model=model, generation=generation, generation_per_micro_batch=generation_per_micro_batch,
-                training=training, responses=responses, student_prompts=student_prompts,
+    return dict(model=model, generation=generation, training=training, responses=responses,
+                student_prompts=student_prompts,
                 teacher_prompts=teacher_prompts, new_tokens=new_tokens, micro_batch=micro_batch)
 
 
@@ -375,10 +373,11 @@ def bench_train():
     """One PBSD step: the generation and the scoring/backward, timed apart."""
     step = pbsd_step()
     model, responses = step["model"], step["responses"]
-    generation_seconds = timed(step["generation"], repeats=1)
+    per_micro_batch = lambda: step["generation"](step["micro_batch"])
+    new_per_micro_batch = per_micro_batch()  # also the warm-up: its call shape is new
+    per_micro_batch_seconds = timed(per_micro_batch, repeats=1, warmup=False)
+    generation_seconds = timed(step["generation"], repeats=1)  # last: training() scores the one call's rollouts
     new = sum(len(r) for r in responses)
-    new_per_micro_batch = step["generation_per_micro_batch"]()  # also the warm-up: its call shape is new
-    per_micro_batch_seconds = timed(step["generation_per_micro_batch"], repeats=1, warmup=False)
     training_seconds = timed(step["training"], repeats=2)
     trained = sum(len(p) for p in step["student_prompts"]) * 2 + new  # student forward + backward, prompt + response
     teacher_tokens = sum(len(p) for p in step["teacher_prompts"]) * 2 + new

@@ -7,8 +7,9 @@ Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a 
     python bench.py profile   # the top kernels of the decode steps at batch 1 and of a training step, and traces
     python bench.py decode    # a decode step's matrix-vector products and attention, each against alternatives
     python bench.py toy       # the toy world: every objective, three seeds, same warm start and budget
+    python bench.py beta      # the toy world: PBSD at six values of beta, three seeds each
 
-Results print as tables; `toy` also writes out/bench_toy/results.json and comparison.png.
+Results print as tables; `toy` and `beta` also write out/bench_{toy,beta}/results.json and comparison.png.
 """
 
 import json
@@ -316,8 +317,8 @@ def pbsd_step():
     """
     A PBSD step on prompts of random tokens, as functions: generation(prompts_per_call) samples both roles of
     prompts_per_call prompts per sampler call (all of them, as the loop does; micro_batch of them, as the loop did
-    before 0cb02b5) and returns the new tokens; training() scores the rollouts with both models and takes the
-    optimizer step.
+    before 0cb02b5) and returns the new tokens; training(gradient_checkpointing) scores the rollouts with both
+    models micro_batch prompts at a time, as the loop does, backpropagates and takes the optimizer step.
     """
     import pbsd
     shape = QWEN3_1_7B if CUDA else CPU_SHAPE
@@ -326,76 +327,97 @@ def pbsd_step():
     micro_batch = 4 if CUDA else 1  # prompts: the loop's default, and its CPU stand-in
     kernels.compile_kernels = CUDA
     model = random_model(shape, dtype)
-    model.gradient_checkpointing = CUDA
     if CUDA:
         qwen3.compile_blocks(model)
     lora = qwen3.apply_lora(model)
     optimizer = torch.optim.AdamW(lora, lr=1e-5)
     student_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, prompt_len)).tolist()
     teacher_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, 2 * prompt_len)).tolist()
-    responses = []
+    student_responses, teacher_responses = [], []
 
     def generation(prompts_per_call=prompts_per_step):
-        student, teacher = [], []  # the responses in the order training() scores them: student rows first
+        student_responses.clear()
+        teacher_responses.clear()
         for first in range(0, prompts_per_step, prompts_per_call):
             part = slice(first, first + prompts_per_call)
             rollouts = qwen3.generate(model, student_prompts[part] + teacher_prompts[part], new_tokens, seed=0,
                                       compile=CUDA, adapters=[True] * prompts_per_call + [False] * prompts_per_call)
-            student += [r.tokens for r in rollouts[:prompts_per_call]]
-            teacher += [r.tokens for r in rollouts[prompts_per_call:]]
-        responses[:] = student + teacher
-        return sum(len(r) for r in responses)
+            student_responses.extend(r.tokens for r in rollouts[:prompts_per_call])
+            teacher_responses.extend(r.tokens for r in rollouts[prompts_per_call:])
+        return sum(map(len, student_responses + teacher_responses))
 
-    def training():
+    def training(gradient_checkpointing=CUDA):
+        model.gradient_checkpointing = gradient_checkpointing
+        optimizer.zero_grad(set_to_none=True)  # what a run stopped by running out of memory left
         weight = model.lm_head_weight
-        hidden, targets, rows = pbsd.response_hidden(model, student_prompts * 2, responses)
-        student = kernels.token_logprobs(hidden, weight, targets)
-        with torch.no_grad(), qwen3.adapters_off(model):
-            teacher_hidden, _, _ = pbsd.response_hidden(model, teacher_prompts * 2, responses)
-            teacher = kernels.token_logprobs(teacher_hidden, weight, targets)
-        sums = pbsd.sequence_sums(student, rows, len(responses))
-        teacher_sums = pbsd.sequence_sums(teacher, rows, len(responses))
-        half = prompts_per_step
-        rewards = torch.zeros(half, device=DEVICE)
-        loss, _, _ = kernels.pbsd_loss(sums[half:], teacher_sums[half:], sums[:half], teacher_sums[:half], rewards,
-                                       rewards, beta=0.1)
-        loss.mean().backward()
+        for first in range(0, prompts_per_step, micro_batch):
+            part = slice(first, first + micro_batch)
+            responses = student_responses[part] + teacher_responses[part]  # y- then y+ of each prompt
+            hidden, targets, rows = pbsd.response_hidden(model, student_prompts[part] * 2, responses)
+            student = kernels.token_logprobs(hidden, weight, targets)
+            with torch.no_grad(), qwen3.adapters_off(model):
+                teacher_hidden, _, _ = pbsd.response_hidden(model, teacher_prompts[part] * 2, responses)
+                teacher = kernels.token_logprobs(teacher_hidden, weight, targets)
+            sums = pbsd.sequence_sums(student, rows, len(responses))
+            teacher_sums = pbsd.sequence_sums(teacher, rows, len(responses))
+            rewards = torch.zeros(micro_batch, device=DEVICE)
+            loss, _, _ = kernels.pbsd_loss(sums[micro_batch:], teacher_sums[micro_batch:], sums[:micro_batch],
+                                           teacher_sums[:micro_batch], rewards, rewards, beta=0.1)
+            (loss.sum() / prompts_per_step).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     generation()
-    return dict(model=model, generation=generation, training=training, responses=responses,
-                student_prompts=student_prompts,
-                teacher_prompts=teacher_prompts, new_tokens=new_tokens, micro_batch=micro_batch)
+    return dict(model=model, generation=generation, training=training, student_prompts=student_prompts,
+                teacher_prompts=teacher_prompts, student_responses=student_responses,
+                teacher_responses=teacher_responses, new_tokens=new_tokens, micro_batch=micro_batch)
 
 
 def bench_train():
-    """One PBSD step: the generation and the scoring/backward, timed apart."""
+    """
+    One PBSD step: the generation and the scoring/backward, timed apart; the training part with and without
+    gradient checkpointing, whose recomputation is work the model FLOPs do not count.
+    """
     step = pbsd_step()
-    model, responses = step["model"], step["responses"]
+    model = step["model"]
     per_micro_batch = lambda: step["generation"](step["micro_batch"])
     new_per_micro_batch = per_micro_batch()  # also the warm-up: its call shape is new
     per_micro_batch_seconds = timed(per_micro_batch, repeats=1, warmup=False)
     generation_seconds = timed(step["generation"], repeats=1)  # last: training() scores the one call's rollouts
-    new = sum(len(r) for r in responses)
-    training_seconds = timed(step["training"], repeats=2)
-    trained = sum(len(p) for p in step["student_prompts"]) * 2 + new  # student forward + backward, prompt + response
-    teacher_tokens = sum(len(p) for p in step["teacher_prompts"]) * 2 + new
-    params = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # matmul weights (tied head counted once)
-    # forward 2 P per token, backward to the activations 2 P (LoRA needs no full weight gradient), recompute 2 P
-    # with gradient checkpointing; the teacher forward 2 P per token
-    flops = trained * params * (6 if CUDA else 4) + teacher_tokens * params * 2
-    mfu = flops / training_seconds / (H100_BF16_TFLOPS * 1e12) if CUDA else float("nan")
+    new = sum(map(len, step["student_responses"] + step["teacher_responses"]))
+    student_tokens = 2 * sum(map(len, step["student_prompts"])) + new  # each prompt precedes y- and y+
+    teacher_tokens = 2 * sum(map(len, step["teacher_prompts"])) + new
+    body = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "layers." in name)
+    head = model.lm_head_weight.numel()
+    # model FLOPs, the matmuls with the frozen weights (attention and LoRA left out): the student's forward 2 and
+    # backward to the activations 2 per weight and token (the frozen weights need no gradient), the teacher's
+    # forward 2; the head only where a response token is predicted. Recomputation is not model work.
+    model_flops = (4 * student_tokens + 2 * teacher_tokens) * body + 6 * new * head
+    variants = [True, False]  # gradient checkpointing on (the loop's default), off
+    seconds, peak = {}, {}
+    for checkpointing in variants:
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            seconds[checkpointing] = timed(lambda: step["training"](checkpointing), repeats=2)
+            peak[checkpointing] = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+        except torch.OutOfMemoryError:
+            seconds[checkpointing] = peak[checkpointing] = float("nan")
+    mfu = lambda s: model_flops / s / (H100_BF16_TFLOPS * 1e12) if CUDA else float("nan")
+    training_seconds = seconds[True]
     rows = [["rollout tokens/s (the step in one call)", f"{new / generation_seconds:,.0f}"],
             [f"rollout tokens/s (a call per micro-batch of {step['micro_batch']})",
              f"{new_per_micro_batch / per_micro_batch_seconds:,.0f}"],
-            ["trained tokens/s", f"{trained / training_seconds:,.0f}"],
-            ["training MFU (H100 bf16 dense)", fmt(100 * mfu, ".1f", "%")],
+            ["trained tokens/s", f"{student_tokens / training_seconds:,.0f}"],
+            ["training MFU (H100 bf16 dense)", fmt(100 * mfu(training_seconds), ".1f", "%")],
             ["time in generation", f"{100 * generation_seconds / (generation_seconds + training_seconds):.0f}%"],
             ["step seconds (generation + training)", f"{generation_seconds + training_seconds:.2f}"]]
-    print_table(f"train: one PBSD step, {len(responses) // 2} prompts x (1 student + 1 teacher rollout), "
-                f"{step['new_tokens']} new tokens, {'Qwen3-1.7B shape' if CUDA else 'CPU shape'} on {device_name()}",
-                ["measure", "value"], rows)
+    print_table(f"train: one PBSD step, {len(step['student_prompts'])} prompts x (1 student + 1 teacher rollout), "
+                f"{step['new_tokens']} new tokens, micro-batches of {step['micro_batch']} prompts, "
+                f"{'Qwen3-1.7B shape' if CUDA else 'CPU shape'} on {device_name()}", ["measure", "value"], rows)
+    print_table("train: the training part with and without gradient checkpointing (out of memory: n/a)",
+                ["gradient checkpointing", "seconds", "trained tokens/s", "MFU", "peak GiB allocated"],
+                [["on" if c else "off", fmt(seconds[c], ".2f"), fmt(student_tokens / seconds[c], ",.0f"),
+                  fmt(100 * mfu(seconds[c]), ".1f", "%"), fmt(peak[c], ".1f")] for c in variants])
 
 
 def bench_profile(out_dir="out/bench_profile", top=20):
@@ -440,21 +462,25 @@ TOY_METHODS = [("PBSD (label reward)", ["--loss=pbsd", "--pbsd_label=reward"]),
                ("OPSD (JSD, beta_jsd 0.5)", ["--loss=opsd"]),
                ("OPSD-sampled", ["--loss=opsd_sampled"]),
                ("SFT", ["--loss=sft"])]
+# the sequence-level margin saturates at the toy's default beta 0.5 (about -4 at the start): how PBSD moves with it
+TOY_BETAS = [(f"PBSD (label reward), beta {beta}", ["--loss=pbsd", f"--beta={beta}"])
+             for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)]
 
 
-def bench_toy(seeds=(0, 1, 2), out_dir="out/bench_toy"):
-    """Every objective from the same cached warm start, with the same steps, batch and learning rate."""
+def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2)):
+    """Each method from the same cached warm start, with the same steps, batch and learning rate."""
     import pbsd
     os.makedirs(out_dir, exist_ok=True)
     base_config = pbsd.parse_args([f"--out_dir={out_dir}"])
     base = pbsd.build_toy_world(base_config)  # shared by every run below
     results = {}
-    for name, args in TOY_METHODS:
+    for name, args in methods:
         for seed in seeds:
-            run_dir = os.path.join(out_dir, f"{args[0][7:]}_{args[1][13:] if len(args) > 1 else ''}_seed{seed}")
+            run_dir = os.path.join(out_dir, "_".join(a.split("=")[1] for a in args) + f"_seed{seed}")
+            # the method's arguments come last: they override the toy world's (beta among them)
             command = [sys.executable, "pbsd.py", f"--out_dir={run_dir}", f"--model={base}",
                        f"--data={os.path.join(base, 'train.jsonl')}", f"--eval_data={os.path.join(base, 'held_out.jsonl')}",
-                       f"--seed={seed}", *args, *[f"--{k}={v}" for k, v in pbsd.TOY_WORLD.items() if k != "out_dir"]]
+                       f"--seed={seed}", *[f"--{k}={v}" for k, v in pbsd.TOY_WORLD.items() if k != "out_dir"], *args]
             print(f"[bench toy] {name}, seed {seed}", file=sys.stderr, flush=True)
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             history = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
@@ -503,7 +529,7 @@ def device_name():
 
 if __name__ == "__main__":
     benches = {"sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train, "profile": bench_profile,
-               "decode": bench_decode, "toy": bench_toy}
+               "decode": bench_decode, "toy": bench_toy, "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta")}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]
     if unknown:

@@ -1205,7 +1205,8 @@ def test_bench_train_profile_and_decode_run(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "train", "profile", "decode"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    for title in ("train: one PBSD step", "profile: sampler decode, batch 1", "profile: training step",
+    for title in ("train: one PBSD step", "train: the training part with and without gradient checkpointing",
+                  "profile: sampler decode, batch 1", "profile: training step",
                   "decode parts: matrix-vector products", "decode parts: attention"):
         assert title in result.stdout
     assert "aten::mm" in result.stdout  # the profile names the ops it measured

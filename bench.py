@@ -392,9 +392,10 @@ def bench_train():
     # backward to the activations 2 per weight and token (the frozen weights need no gradient), the teacher's
     # forward 2; the head only where a response token is predicted. Recomputation is not model work.
     model_flops = (4 * student_tokens + 2 * teacher_tokens) * body + 6 * new * head
-    variants = [True, False]  # gradient checkpointing on (the loop's default), off
+    mfu = lambda s: model_flops / s / (H100_BF16_TFLOPS * 1e12) if CUDA else float("nan")
     seconds, peak = {}, {}
-    for checkpointing in variants:
+
+    def time_training(checkpointing):
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -402,7 +403,8 @@ def bench_train():
             peak[checkpointing] = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
         except torch.OutOfMemoryError:
             seconds[checkpointing] = peak[checkpointing] = float("nan")
-    mfu = lambda s: model_flops / s / (H100_BF16_TFLOPS * 1e12) if CUDA else float("nan")
+
+    time_training(True)  # the loop's default
     training_seconds = seconds[True]
     rows = [["rollout tokens/s (the step in one call)", f"{new / generation_seconds:,.0f}"],
             [f"rollout tokens/s (a call per micro-batch of {step['micro_batch']})",
@@ -414,10 +416,12 @@ def bench_train():
     print_table(f"train: one PBSD step, {len(step['student_prompts'])} prompts x (1 student + 1 teacher rollout), "
                 f"{step['new_tokens']} new tokens, micro-batches of {step['micro_batch']} prompts, "
                 f"{'Qwen3-1.7B shape' if CUDA else 'CPU shape'} on {device_name()}", ["measure", "value"], rows)
+    sys.stdout.flush()  # the table above survives a run cut off below
+    time_training(False)
     print_table("train: the training part with and without gradient checkpointing (out of memory: n/a)",
                 ["gradient checkpointing", "seconds", "trained tokens/s", "MFU", "peak GiB allocated"],
                 [["on" if c else "off", fmt(seconds[c], ".2f"), fmt(student_tokens / seconds[c], ",.0f"),
-                  fmt(100 * mfu(seconds[c]), ".1f", "%"), fmt(peak[c], ".1f")] for c in variants])
+                  fmt(100 * mfu(seconds[c]), ".1f", "%"), fmt(peak[c], ".1f")] for c in (True, False)])
 
 
 def bench_profile(out_dir="out/bench_profile", top=20):

@@ -1,13 +1,14 @@
 """
 Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a CPU, a scaled-down shape.
 
-    python bench.py sampler   # new tokens/s and GB/s of the KV-cache sampler, against transformers' generate
-    python bench.py kernels   # peak memory and time of the chunked loss kernels against full-logits versions
-    python bench.py train     # one PBSD step: rollout tokens/s, trained tokens/s, MFU, generation vs training
-    python bench.py profile   # the top kernels of the decode steps at batch 1 and of a training step, and traces
-    python bench.py decode    # a decode step's matrix-vector products and attention, each against alternatives
-    python bench.py toy       # the toy world: every objective, three seeds, same warm start and budget
-    python bench.py beta      # the toy world: PBSD at six values of beta, three seeds each
+    python bench.py sampler     # new tokens/s and GB/s of the KV-cache sampler, against transformers' generate
+    python bench.py kernels     # peak memory and time of the chunked loss kernels against full-logits versions
+    python bench.py train       # one PBSD step: rollout tokens/s, trained tokens/s, MFU, generation vs training
+    python bench.py profile     # the top kernels of the decode steps at batch 1 and of a training step, and traces
+    python bench.py decode      # a decode step's matrix-vector products and attention, each against alternatives
+    python bench.py activations # the bytes a block keeps for backward per token, at the 1.7B and 8B shapes
+    python bench.py toy         # the toy world: every objective, three seeds, same warm start and budget
+    python bench.py beta        # the toy world: PBSD at six values of beta, three seeds each
 
 Results print as tables; `toy` and `beta` also write out/bench_{toy,beta}/results.json and comparison.png.
 """
@@ -29,6 +30,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
 CPU_SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
 H100_BF16_TFLOPS = 989.0  # dense bf16, SXM
@@ -276,6 +279,44 @@ def naive_jsd(student_hidden, teacher_hidden, weight, beta=0.5):
     mixture = torch.logaddexp(teacher_logp + torch.log(torch.tensor(beta)), student_logp + torch.log(torch.tensor(1 - beta)))
     return (beta * (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
             + (1 - beta) * (student_logp.exp() * (student_logp - mixture)).sum(-1))
+
+
+def kept_for_backward(block, x, cos, sin):
+    """Bytes of the tensors autograd keeps for the backward of block(x), each storage counted once."""
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        block(x, cos, sin, None)
+    return sum(kept.values())
+
+
+def bench_activations():
+    """
+    What gradient checkpointing saves: the bytes a block keeps for backward per token, counted with autograd's
+    saved-tensor hooks on one block of each shape, eager on the CPU, bf16, LoRA r=64 on all seven projections.
+    The count is the slope between two lengths: the weights a block keeps do not grow with it.
+    """
+    rows = []
+    for name, shape in (("Qwen3-1.7B", QWEN3_1_7B), ("Qwen3-8B", QWEN3_8B)):
+        config = qwen3.Qwen3Config(**{**shape, "vocab_size": 16, "num_hidden_layers": 1})
+        torch.manual_seed(0)
+        model = qwen3.Qwen3(config).to(torch.bfloat16).requires_grad_(False)
+        qwen3.apply_lora(model)
+
+        def kept(length):
+            # the block's input carries gradient, as after the first block's adapters
+            x = torch.randn(1, length, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+            cos, sin = qwen3.rope_cos_sin(torch.arange(length)[None], config.head_dim, config.rope_theta, x.dtype)
+            return kept_for_backward(model.layers[0], x, cos, sin)
+        per_token = (kept(256) - kept(128)) / 128
+        blocks = shape["num_hidden_layers"]
+        rows.append([name, f"{per_token / 1e3:,.1f}", f"{blocks * per_token / 1e6:,.2f}",
+                     f"{blocks * config.hidden_size * 2 / 1e3:,.0f}"])
+    print_table("activations: bytes kept for backward per token; bf16, LoRA r=64 on all seven projections, eager",
+                ["shape", "KB per block", "MB over all blocks", "KB with gradient checkpointing (block inputs)"], rows)
 
 
 def bench_kernels():
@@ -533,7 +574,7 @@ def device_name():
 
 if __name__ == "__main__":
     benches = {"sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train, "profile": bench_profile,
-               "decode": bench_decode, "toy": bench_toy, "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta")}
+               "decode": bench_decode, "activations": bench_activations, "toy": bench_toy, "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta")}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]
     if unknown:

@@ -1202,12 +1202,13 @@ def test_bench_train_profile_and_decode_run(tmp_path):
     the decode parts agree with float64 references (bench.py checks each variant before timing it).
     """
     import subprocess
-    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "train", "profile", "decode"],
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "train", "profile", "decode",
+                             "activations"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     for title in ("train: one PBSD step", "train: the training part with and without gradient checkpointing",
                   "profile: sampler decode, batch 1", "profile: training step",
-                  "decode parts: matrix-vector products", "decode parts: attention"):
+                  "decode parts: matrix-vector products", "decode parts: attention", "activations: bytes kept"):
         assert title in result.stdout
     assert "aten::mm" in result.stdout  # the profile names the ops it measured
     assert "rollout tokens/s (a call per micro-batch of 1)" in result.stdout

@@ -518,19 +518,19 @@ def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2)):
     os.makedirs(out_dir, exist_ok=True)
     base_config = pbsd.parse_args([f"--out_dir={out_dir}"])
     base = pbsd.build_toy_world(base_config)  # shared by every run below
-    results = {}
-    for name, args in methods:
-        for seed in seeds:
-            run_dir = os.path.join(out_dir, "_".join(a.split("=")[1] for a in args) + f"_seed{seed}")
-            # the method's arguments come last: they override the toy world's (beta among them)
-            command = [sys.executable, "pbsd.py", f"--out_dir={run_dir}", f"--model={base}",
-                       f"--data={os.path.join(base, 'train.jsonl')}", f"--eval_data={os.path.join(base, 'held_out.jsonl')}",
-                       f"--seed={seed}", *[f"--{k}={v}" for k, v in pbsd.TOY_WORLD.items() if k != "out_dir"], *args]
-            print(f"[bench toy] {name}, seed {seed}", file=sys.stderr, flush=True)
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            history = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
-                       if '"eval_avg_at_k"' in line]
-            results.setdefault(name, []).append(history)
+    results, start, runs = {}, time.time(), [(name, args, seed) for name, args in methods for seed in seeds]
+    for done, (name, args, seed) in enumerate(runs):
+        run_dir = os.path.join(out_dir, "_".join(a.split("=")[1] for a in args) + f"_seed{seed}")
+        # the method's arguments come last: they override the toy world's (beta among them)
+        command = [sys.executable, "pbsd.py", f"--out_dir={run_dir}", f"--model={base}",
+                   f"--data={os.path.join(base, 'train.jsonl')}", f"--eval_data={os.path.join(base, 'held_out.jsonl')}",
+                   f"--seed={seed}", *[f"--{k}={v}" for k, v in pbsd.TOY_WORLD.items() if k != "out_dir"], *args]
+        left = f", about {(time.time() - start) / done * (len(runs) - done) / 60:.0f} min left" if done else ""
+        print(f"[bench toy] run {done + 1}/{len(runs)}: {name}, seed {seed}{left}", file=sys.stderr, flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        history = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
+                   if '"eval_avg_at_k"' in line]
+        results.setdefault(name, []).append(history)
     json.dump(results, open(os.path.join(out_dir, "results.json"), "w"))
     report_toy(results, out_dir)
 

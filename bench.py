@@ -423,7 +423,8 @@ def bench_train():
     per_micro_batch = lambda: step["generation"](step["micro_batch"])
     new_per_micro_batch = per_micro_batch()  # also the warm-up: its call shape is new
     per_micro_batch_seconds = timed(per_micro_batch, repeats=1, warmup=False)
-    generation_seconds = timed(step["generation"], repeats=1)  # last: training() scores the one call's rollouts
+    # pbsd_step's own call was this shape's warm-up; timed last, as training() scores the one call's rollouts
+    generation_seconds = timed(step["generation"], repeats=1, warmup=False)
     new = sum(map(len, step["student_responses"] + step["teacher_responses"]))
     student_tokens = 2 * sum(map(len, step["student_prompts"])) + new  # each prompt precedes y- and y+
     teacher_tokens = 2 * sum(map(len, step["teacher_prompts"])) + new
@@ -507,7 +508,7 @@ TOY_METHODS = [("PBSD (label reward)", ["--loss=pbsd", "--pbsd_label=reward"]),
                ("OPSD (JSD, beta_jsd 0.5)", ["--loss=opsd"]),
                ("OPSD-sampled", ["--loss=opsd_sampled"]),
                ("SFT", ["--loss=sft"])]
-# the sequence-level margin saturates at the toy's default beta 0.5 (about -4 at the start): how PBSD moves with it
+# beta scales the margin, m = beta (s(y+) - s(y-)): at the toy's 0.5 it starts saturated (about -3.4)
 TOY_BETAS = [(f"PBSD (label reward), beta {beta}", ["--loss=pbsd", f"--beta={beta}"])
              for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)]
 
@@ -574,7 +575,8 @@ def device_name():
 
 if __name__ == "__main__":
     benches = {"sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train, "profile": bench_profile,
-               "decode": bench_decode, "activations": bench_activations, "toy": bench_toy, "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta")}
+               "decode": bench_decode, "activations": bench_activations, "toy": bench_toy,
+               "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta")}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]
     if unknown:

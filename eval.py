@@ -165,6 +165,13 @@ def main(argv=None):
                         help="sample without torch.compile and CUDA graphs (a GPU uses them otherwise)")
     parser.add_argument("--out", default="eval_out", help="folder for samples.jsonl and summary.json")
     args = parser.parse_args(argv)
+    for name in ("k", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top_p must lie in (0, 1], got {args.top_p}")
 
     distributed = "RANK" in os.environ
     rank = 0

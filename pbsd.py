@@ -16,6 +16,7 @@ Every --key=value overrides a field of Config (below); `python pbsd.py --help` l
 """
 
 import inspect
+import itertools
 import json
 import math
 import os
@@ -76,7 +77,7 @@ class Config:
     lr: float = 1e-5
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the global gradient norm's ceiling (0: no clipping)
     dtype: str = "bfloat16"  # base weights; the LoRA parameters are always fp32
     gradient_checkpointing: bool = True
     compile: bool = True  # torch.compile the sampler's decode step, the blocks and the loss kernels (on CUDA)
@@ -156,13 +157,21 @@ def _validate(config):
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
+    # temperature 0 would make every log-prob (logits / T) infinite; keep_last 0 would keep every checkpoint
+    positive = ("beta", "temperature", "n_teacher", "n_student", "max_new_tokens", "lora_rank", "lora_alpha", "steps",
+                "batch_size", "micro_batch_size", "eval_k", "keep_last")
+    at_least_zero = ("rollout_batch_size", "jsd_token_clip", "lr", "warmup_steps", "weight_decay", "grad_clip",
+                     "eval_every", "eval_problems", "eval_max_new_tokens", "save_every", "toy_warm_start_steps")
+    for key in positive:
+        if not getattr(config, key) > 0:
+            raise ConfigError(f"--{key} must be positive, got {getattr(config, key)}")
+    for key in at_least_zero:
+        if not getattr(config, key) >= 0:
+            raise ConfigError(f"--{key} must be 0 or more, got {getattr(config, key)}")
+    if not 0 < config.top_p <= 1:
+        raise ConfigError(f"--top_p must lie in (0, 1], got {config.top_p}")
     if not 0 <= config.beta_jsd <= 1:
         raise ConfigError(f"--beta_jsd must lie in [0, 1], got {config.beta_jsd}")
-    if config.beta <= 0:
-        raise ConfigError(f"--beta must be positive, got {config.beta}")
-    if config.micro_batch_size < 1 or config.rollout_batch_size < 0:
-        raise ConfigError(f"--micro_batch_size must be positive and --rollout_batch_size 0 (a rank's whole step) or "
-                          f"positive, got {config.micro_batch_size} and {config.rollout_batch_size}")
 
 
 # ---- the toy world's checkpoint
@@ -529,7 +538,7 @@ class Trainer:
             for p in self.lora_params:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.config.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.config.grad_clip or math.inf).item()
         if not math.isfinite(grad_norm):  # the same on every rank: the gradients were averaged above
             raise TrainingError(f"step {self.step + 1}: the gradient norm is {grad_norm}; stopping before the "
                                 f"update. The last good checkpoint is {self.latest_checkpoint()}")
@@ -639,7 +648,11 @@ class Trainer:
             earlier = [n for n in ("metrics.jsonl", "learning_curve.png", "config.json", "checkpoints")
                        if os.path.exists(os.path.join(out_dir, n))]
             if earlier:
-                archive = os.path.join(out_dir, "earlier_runs", time.strftime("%Y%m%d-%H%M%S"))
+                archive = stamp = os.path.join(out_dir, "earlier_runs", time.strftime("%Y%m%d-%H%M%S"))
+                for count in itertools.count(2):  # two runs started within a second of each other
+                    if not os.path.exists(archive):
+                        break
+                    archive = f"{stamp}-{count}"
                 os.makedirs(archive)
                 for name in earlier:
                     os.replace(os.path.join(out_dir, name), os.path.join(archive, name))

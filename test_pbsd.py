@@ -210,6 +210,9 @@ def test_bad_checkpoint_exits_nonzero_from_the_command_line(tmp_path):
                             capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode != 0
     assert "checkpoint folder does not exist" in result.stderr
+    result = subprocess.run([sys.executable, "eval.py", "--model=m", "--data=x.jsonl", "--k=0"],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode != 0 and "--k must be positive, got 0" in result.stderr
 
 
 # ---- model.py: the sampler
@@ -908,6 +911,29 @@ def test_one_step_of_each_objective(tiny_with_tokenizer, train_file, tmp_path, l
             assert torch.equal(p, base_before[name]), name
 
 
+def test_runs_started_in_the_same_second_are_both_kept(tiny_with_tokenizer, train_file, tmp_path):
+    path, _ = tiny_with_tokenizer
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path))
+    for run in range(3):
+        _write(tmp_path / "metrics.jsonl", f"run {run}")
+        trainer.start_out_dir()  # moves the run before it to earlier_runs/
+    kept = sorted(open(p / "metrics.jsonl").read() for p in (tmp_path / "earlier_runs").iterdir())
+    assert kept == ["run 0", "run 1", "run 2"]
+
+
+def test_grad_clip_zero_is_no_clipping(tiny_with_tokenizer, train_file, tmp_path):
+    path, _ = tiny_with_tokenizer
+    after = {}
+    for grad_clip in (0.0, 1e9, 1e-3):
+        trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path / str(grad_clip), loss="sft", lr=1e-3,
+                                             grad_clip=grad_clip))
+        trainer.train()
+        after[grad_clip] = _lora_state(trainer.model)
+    assert all(torch.equal(after[0.0][n], after[1e9][n]) for n in after[0.0])
+    # AdamW's step hardly depends on the gradient's scale, but its eps does: a tight clip shows
+    assert not all(torch.equal(after[0.0][n], after[1e-3][n]) for n in after[0.0])
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT asks it
 @pytest.mark.parametrize("loss", ["pbsd", "opsd", "opsd_sampled", "sft"])
 def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, train_file, tmp_path, loss):
@@ -1136,8 +1162,15 @@ def test_config_parsing():
         pbsd.parse_args(["--steps=many"])
     with pytest.raises(pbsd.ConfigError, match="--loss must be one of pbsd, opsd, opsd_sampled, sft"):
         pbsd.parse_args(["--loss=dpo"])
-    with pytest.raises(pbsd.ConfigError, match="--rollout_batch_size 0 .a rank.s whole step. or positive, got 4 and -2"):
-        pbsd.parse_args(["--model=/m", "--rollout_batch_size=-2"])
+    for arg, message in (("--temperature=0", "--temperature must be positive, got 0.0"),
+                         ("--n_student=0", "--n_student must be positive, got 0"),
+                         ("--keep_last=0", "--keep_last must be positive, got 0"),
+                         ("--rollout_batch_size=-2", "--rollout_batch_size must be 0 or more, got -2"),
+                         ("--grad_clip=-1", "--grad_clip must be 0 or more, got -1.0"),
+                         ("--top_p=0", "--top_p must lie in \\(0, 1\\], got 0.0"),
+                         ("--beta_jsd=1.5", "--beta_jsd must lie in \\[0, 1\\], got 1.5")):
+        with pytest.raises(pbsd.ConfigError, match=message):
+            pbsd.parse_args(["--model=/m", arg])
 
 
 def _run_pbsd(*args):

@@ -19,9 +19,11 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 import kernels
 import model as qwen3
@@ -191,15 +193,27 @@ def split_kv_attention(q, k, v, mask, split=256):
     return ((weight * split_out).sum(2) / (weight * p.sum(-1, keepdim=True)).sum(2)).to(q.dtype)
 
 
+def flex_decode_attention(q, k, v, mask):
+    """
+    The same attention through FlexAttention, the mask applied as a score modification: compiled on a GPU, a
+    query this short gets its decoding kernel, which splits the window across blocks as the form above does.
+    """
+    keep = mask[:, 0, 0]  # (B, W)
+    return flex_attention(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx:
+                          torch.where(keep[b, kv_idx], score, float("-inf")))
+
+
 def bench_decode():
     """
     The parts of a decode step where the batch-1 gap to the roofline lies, each against alternatives: the
     projections' matrix-vector products (F.linear, which is cuBLAS on a GPU, and the same product written as a
     multiply and a sum, which Inductor compiles into a Triton reduction there), and attention over the cache
-    with the sampler's mask (each SDPA backend, and the split form above). On a GPU the compiled variants tune
-    their kernels (coordinate descent, as gpt-fast does) the first time: a few minutes.
+    with the sampler's mask (each SDPA backend, the split form and FlexAttention above). On a GPU the compiled
+    variants tune their kernels (coordinate descent, as gpt-fast does) the first time: a few minutes.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    # eager (on a CPU) FlexAttention materializes the scores, as the math backend does, and warns that it does
+    warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
     shape = QWEN3_1_7B if CUDA else CPU_SHAPE
     dtype = torch.bfloat16 if CUDA else torch.float32
     D, H, Hkv, hd = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
@@ -238,7 +252,7 @@ def bench_decode():
     variants = {"SDPA default": F.scaled_dot_product_attention,
                 "efficient": with_backend(SDPBackend.EFFICIENT_ATTENTION),
                 "cuDNN": with_backend(SDPBackend.CUDNN_ATTENTION), "math": with_backend(SDPBackend.MATH),
-                "split": compiled(split_kv_attention)}
+                "split": compiled(split_kv_attention), "flex": compiled(flex_decode_attention)}
     rows = []
     for batch in (1, 16):
         for window in ((256, 1024, 2304) if CUDA else (256, 512)):

@@ -710,6 +710,11 @@ class Trainer:
         self.step, self.history = state["step"], state["history"]
         if self.rank == 0:
             print(f"[resume] continuing from {path} (step {self.step})", file=sys.stderr)
+            # a longer run or another evaluation schedule is a choice; another data set or batch is more often a slip
+            changed = [f"--{key}: {state['config'][key]!r} -> {value!r}" for key, value in asdict(self.config).items()
+                       if key != "resume" and key in state["config"] and state["config"][key] != value]
+            if changed:
+                print(f"[resume] settings that differ from the checkpoint's run: {'; '.join(changed)}", file=sys.stderr)
 
     def export_merged(self):
         path = self.config.export_merged

@@ -1028,7 +1028,7 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
     assert (student_logp - logp).abs().max() > 1e-3
 
 
-def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path):
+def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path, capsys):
     path, _ = tiny_with_tokenizer
     straight = pbsd.Trainer(_train_config(path, train_file, tmp_path / "a", steps=4, save_every=2))
     straight.train()
@@ -1043,6 +1043,11 @@ def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path):
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002", "step_000004"]
     # the log holds each step once: the lines of the step run again after the checkpoint were dropped
     assert [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4]
+    # resuming with other settings says which
+    capsys.readouterr()
+    pbsd.Trainer(_train_config(path, train_file, tmp_path / "b", steps=6, lr=0.5, resume=True)).load_checkpoint()
+    said = capsys.readouterr().err
+    assert "differ from the checkpoint's run: --steps: 4 -> 6; --lr: 0.01 -> 0.5; --save_every: 2 -> 0" in said
 
 
 @pytest.mark.parametrize("loss", ["pbsd", "opsd", "sft"])

@@ -527,12 +527,35 @@ TOY_BETAS = [(f"PBSD (label reward), beta {beta}", ["--loss=pbsd", f"--beta={bet
              for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)]
 
 
+def toy_greedy_accuracy(base, adapter=None, role="student"):
+    """
+    The share of the toy's held-out problems that a role answers right greedily (one answer each, temperature 0):
+    the student with a run's adapter (or with none: the warm start), or the teacher. Avg@k at temperature 1 also
+    measures how much of the sampling distribution sits off its most likely answer; this measures that answer.
+    """
+    import data
+    import eval as evaluation
+    import pbsd
+    model = qwen3.load_qwen3(base, dtype=torch.float32)
+    if adapter:
+        qwen3.load_lora(model, adapter)
+    examples = data.load_examples(os.path.join(base, "held_out.jsonl"))
+    return evaluation.evaluate(model, data.load_tokenizer(base), examples, k=1, temperature=0.0,
+                               max_new_tokens=pbsd.TOY_WORLD["max_new_tokens"], role=role,
+                               template=pbsd.TOY_WORLD[f"{role}_template"], show_progress=False)["avg_at_k"]
+
+
 def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2)):
-    """Each method from the same cached warm start, with the same steps, batch and learning rate."""
+    """
+    Each method from the same cached warm start, with the same steps, batch and learning rate. Each run's
+    evaluations (Avg@k at temperature 1, every eval_every steps) go to results.json, its first and last with the
+    greedy accuracy of the warm start and of its final adapter.
+    """
     import pbsd
     os.makedirs(out_dir, exist_ok=True)
     base_config = pbsd.parse_args([f"--out_dir={out_dir}"])
     base = pbsd.build_toy_world(base_config)  # shared by every run below
+    greedy_before, teacher_greedy = toy_greedy_accuracy(base), toy_greedy_accuracy(base, role="teacher")
     results, start, runs = {}, time.time(), [(name, args, seed) for name, args in methods for seed in seeds]
     for done, (name, args, seed) in enumerate(runs):
         run_dir = os.path.join(out_dir, "_".join(a.split("=")[1] for a in args) + f"_seed{seed}")
@@ -545,6 +568,9 @@ def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2)):
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         history = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
                    if '"eval_avg_at_k"' in line]
+        last = os.path.join(run_dir, "checkpoints", f"step_{history[-1]['step']:06d}")
+        history[0]["greedy_accuracy"], history[-1]["greedy_accuracy"] = greedy_before, toy_greedy_accuracy(base, last)
+        history[0]["teacher_greedy_accuracy"] = teacher_greedy
         results.setdefault(name, []).append(history)
     json.dump(results, open(os.path.join(out_dir, "results.json"), "w"))
     report_toy(results, out_dir)
@@ -557,11 +583,16 @@ def report_toy(results, out_dir):
         after = [run[-1]["eval_avg_at_k"] for run in runs]
         gains = [a - b for a, b in zip(after, before)]
         length = [run[-1]["eval_mean_length"] for run in runs]
+        greedy = [run[-1]["greedy_accuracy"] for run in runs]
         rows.append([name, f"{statistics.mean(before):.3f}", f"{statistics.mean(after):.3f} ± {statistics.stdev(after):.3f}",
-                     f"{statistics.mean(gains):+.3f} ± {statistics.stdev(gains):.3f}", f"{statistics.mean(length):.1f}"])
-    k = next(iter(results.values()))[0][0]["eval_k"]
-    print_table(f"toy world: held-out student Avg@{k}, mean ± std over {len(next(iter(results.values())))} seeds",
-                ["method", "before", "after", "gain", "length after"], rows)
+                     f"{statistics.mean(gains):+.3f} ± {statistics.stdev(gains):.3f}", f"{statistics.mean(length):.1f}",
+                     f"{statistics.mean(greedy):.3f} ± {statistics.stdev(greedy):.3f}"])
+    first = next(iter(results.values()))[0][0]
+    k = first["eval_k"]
+    print_table(f"toy world: held-out student Avg@{k}, mean ± std over {len(next(iter(results.values())))} seeds; "
+                f"greedy accuracy (one answer at temperature 0) {first['greedy_accuracy']:.3f} before, the teacher's "
+                f"{first['teacher_greedy_accuracy']:.3f}", ["method", "before", "after", "gain", "length after",
+                                                            "greedy after"], rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -159,6 +159,8 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=2048)
     parser.add_argument("--batch_size", type=int, default=96, help="sampled rows per sampler call")
     parser.add_argument("--thinking", action="store_true")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the weights' dtype (pbsd.py's toy world trains in float32)")
     parser.add_argument("--template", help="student prompt template with {problem} (default: the task's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eager", action="store_true",
@@ -183,7 +185,7 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
 
-    model = qwen3.load_qwen3(args.model, device=device)
+    model = qwen3.load_qwen3(args.model, device=device, dtype=getattr(torch, args.dtype))
     if args.lora:
         qwen3.load_lora(model, args.lora)
     tokenizer = data.load_tokenizer(args.model)

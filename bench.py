@@ -576,6 +576,11 @@ def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2)):
     report_toy(results, out_dir)
 
 
+def spread(values):
+    """The standard deviation over seeds; 0 for a single seed."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def report_toy(results, out_dir):
     rows = []
     for name, runs in results.items():
@@ -584,9 +589,9 @@ def report_toy(results, out_dir):
         gains = [a - b for a, b in zip(after, before)]
         length = [run[-1]["eval_mean_length"] for run in runs]
         greedy = [run[-1]["greedy_accuracy"] for run in runs]
-        rows.append([name, f"{statistics.mean(before):.3f}", f"{statistics.mean(after):.3f} ± {statistics.stdev(after):.3f}",
-                     f"{statistics.mean(gains):+.3f} ± {statistics.stdev(gains):.3f}", f"{statistics.mean(length):.1f}",
-                     f"{statistics.mean(greedy):.3f} ± {statistics.stdev(greedy):.3f}"])
+        rows.append([name, f"{statistics.mean(before):.3f}", f"{statistics.mean(after):.3f} ± {spread(after):.3f}",
+                     f"{statistics.mean(gains):+.3f} ± {spread(gains):.3f}", f"{statistics.mean(length):.1f}",
+                     f"{statistics.mean(greedy):.3f} ± {spread(greedy):.3f}"])
     first = next(iter(results.values()))[0][0]
     k = first["eval_k"]
     print_table(f"toy world: held-out student Avg@{k}, mean ± std over {len(next(iter(results.values())))} seeds; "
@@ -601,9 +606,9 @@ def report_toy(results, out_dir):
         steps = [h["step"] for h in runs[0]]
         values = [[run[i]["eval_avg_at_k"] for run in runs] for i in range(len(steps))]
         mean = [statistics.mean(v) for v in values]
-        spread = [statistics.stdev(v) for v in values]
+        spreads = [spread(v) for v in values]
         ax.plot(steps, mean, "o-", label=name)
-        ax.fill_between(steps, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.15)
+        ax.fill_between(steps, [m - s for m, s in zip(mean, spreads)], [m + s for m, s in zip(mean, spreads)], alpha=0.15)
     teacher = next(iter(results.values()))[0][0].get("teacher_avg_at_k")
     if teacher is not None:
         ax.axhline(teacher, color="gray", ls="--", label="frozen teacher (reads the solution)")

@@ -159,9 +159,9 @@ def _validate(config):
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
     # temperature 0 would make every log-prob (logits / T) infinite; keep_last 0 would keep every checkpoint
     positive = ("beta", "temperature", "n_teacher", "n_student", "max_new_tokens", "lora_rank", "lora_alpha", "steps",
-                "batch_size", "micro_batch_size", "eval_k", "keep_last")
+                "batch_size", "micro_batch_size", "eval_k", "keep_last", "toy_warm_start_steps")
     at_least_zero = ("rollout_batch_size", "jsd_token_clip", "lr", "warmup_steps", "weight_decay", "grad_clip",
-                     "eval_every", "eval_problems", "eval_max_new_tokens", "save_every", "toy_warm_start_steps")
+                     "eval_every", "eval_problems", "eval_max_new_tokens", "save_every")
     for key in positive:
         if not getattr(config, key) > 0:
             raise ConfigError(f"--{key} must be positive, got {getattr(config, key)}")

@@ -528,21 +528,14 @@ TOY_BETAS = [(f"PBSD (label reward), beta {beta}", ["--loss=pbsd", f"--beta={bet
 
 
 def toy_greedy_accuracy(base, adapter=None, role="student"):
-    """
-    The share of the toy's held-out problems that a role answers right greedily (one answer each, temperature 0):
-    the student with a run's adapter (or with none: the warm start), or the teacher. Avg@k at temperature 1 also
-    measures how much of the sampling distribution sits off its most likely answer; this measures that answer.
-    """
+    """pbsd.greedy_accuracy on the toy's held-out problems: the student with a run's adapter (none: the warm start)."""
     import data
-    import eval as evaluation
     import pbsd
     model = qwen3.load_qwen3(base, dtype=torch.float32)
     if adapter:
         qwen3.load_lora(model, adapter)
     examples = data.load_examples(os.path.join(base, "held_out.jsonl"))
-    return evaluation.evaluate(model, data.load_tokenizer(base), examples, k=1, temperature=0.0,
-                               max_new_tokens=pbsd.TOY_WORLD["max_new_tokens"], role=role,
-                               template=pbsd.TOY_WORLD[f"{role}_template"], show_progress=False)["avg_at_k"]
+    return pbsd.greedy_accuracy(model, data.load_tokenizer(base), examples, pbsd.parse_args([]), role)
 
 
 def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2)):

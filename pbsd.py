@@ -788,18 +788,45 @@ def plot_learning_curve(history, png_path, metrics_path):
     plt.close(fig)
 
 
-def print_toy_table(history, config, seconds):
+def greedy_accuracy(model, tokenizer, examples, config, role="student"):
+    """
+    The share of the problems a role answers right greedily, one answer each at temperature 0 (wrap the call in
+    adapters_off for the warm start or the teacher). Avg@k at temperature 1 also counts the sampling mass off the
+    model's most likely answer; this is that answer.
+    """
+    template = config.teacher_template if role == "teacher" else config.student_template
+    return evaluation.evaluate(model, tokenizer, examples, k=1, temperature=0.0, role=role, template=template or None,
+                               max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
+                               thinking=config.thinking, show_progress=False)["avg_at_k"]
+
+
+def print_summary_table(trainer, seconds, with_greedy):
+    """
+    The run's first and last held-out evaluations side by side; with_greedy (the toy world, where it is cheap) adds
+    greedy accuracy, which beside Avg@k says whether the student lacks the answer or only spreads mass off it.
+    """
+    config, history, model = trainer.config, trainer.history, trainer.model
     before, after = history[0], history[-1]
     k = config.eval_k
-    rows = [(f"student Avg@{k}", "eval_avg_at_k"), (f"student pass@{k}", "eval_pass_at_k"),
-            ("response length (tokens)", "eval_mean_length"), ("uncertainty words / 1K tokens", "eval_uncertainty_per_1k")]
-    print(f"\nPBSD (label {config.pbsd_label}, beta {config.beta}) on {before['eval_n_problems']} held-out problems, "
-          f"{config.steps} steps, {seconds:.0f} s")
+    rows = [(f"student Avg@{k}", before["eval_avg_at_k"], after["eval_avg_at_k"]),
+            (f"student pass@{k}", before["eval_pass_at_k"], after["eval_pass_at_k"]),
+            ("response length (tokens)", before["eval_mean_length"], after["eval_mean_length"]),
+            ("uncertainty words / 1K tokens", before["eval_uncertainty_per_1k"], after["eval_uncertainty_per_1k"])]
+    if with_greedy:
+        greedy = lambda role="student": greedy_accuracy(model, trainer.tokenizer, trainer.eval_examples, config, role)
+        with qwen3.adapters_off(model):  # the adapters start at zero: off, the model is the student before training
+            greedy_before, teacher_greedy = greedy(), greedy("teacher")
+        rows.insert(2, ("student greedy accuracy", greedy_before, greedy()))
+    objective = {"pbsd": f"PBSD (label {config.pbsd_label}, beta {config.beta})", "opsd": f"OPSD (beta_jsd "
+                 f"{config.beta_jsd})", "opsd_sampled": "OPSD-sampled", "sft": "SFT"}[config.loss]
+    print(f"\n{objective} on {before['eval_n_problems']} held-out problems, {config.steps} steps, {seconds:.0f} s")
     print(f"{'':<32}{'before':>10}{'after':>10}")
-    for name, key in rows:
-        print(f"{name:<32}{before[key]:>10.3f}{after[key]:>10.3f}")
+    for name, value_before, value_after in rows:
+        print(f"{name:<32}{value_before:>10.3f}{value_after:>10.3f}")
     if "teacher_avg_at_k" in before:
-        print(f"{'frozen teacher Avg@' + str(k):<32}{before['teacher_avg_at_k']:>10.3f}{'':>10}")
+        print(f"{'frozen teacher Avg@' + str(k):<32}{before['teacher_avg_at_k']:>10.3f}")
+    if with_greedy:
+        print(f"{'frozen teacher greedy accuracy':<32}{teacher_greedy:>10.3f}")
     print(f"learning curve: {os.path.join(config.out_dir, 'learning_curve.png')}")
 
 
@@ -812,7 +839,8 @@ def main(argv):
         return
     start = time.time()
     config = parse_args(argv)
-    if not config.model:
+    toy = not config.model
+    if toy:
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             raise ConfigError("the toy world runs in one process; give --model to train under torchrun")
         config.model = build_toy_world(config)
@@ -821,7 +849,7 @@ def main(argv):
     trainer = Trainer(config)
     history = trainer.train()
     if trainer.rank == 0 and len(history) > 1:
-        print_toy_table(history, config, time.time() - start)
+        print_summary_table(trainer, time.time() - start, with_greedy=toy)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1215,6 +1215,7 @@ def test_toy_world_shortened(tmp_path):
     result = _run_pbsd(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "student Avg@2" in result.stdout and "frozen teacher Avg@2" in result.stdout
+    assert "student greedy accuracy" in result.stdout and "frozen teacher greedy accuracy" in result.stdout
     base = tmp_path / "toy_base"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "train.jsonl", "held_out.jsonl"):
         assert (base / name).exists(), name

@@ -934,6 +934,30 @@ def test_grad_clip_zero_is_no_clipping(tiny_with_tokenizer, train_file, tmp_path
     assert not all(torch.equal(after[0.0][n], after[1e-3][n]) for n in after[0.0])
 
 
+def test_greedy_accuracy_against_transformers_greedy_answers(tiny_with_tokenizer, monkeypatch):
+    """
+    pbsd.greedy_accuracy grades one greedy answer per problem after each role's own prompt: with a reward that
+    accepts exactly transformers' greedy continuation, and only on every other problem, it is one half.
+    """
+    import transformers
+    path, tokenizer = tiny_with_tokenizer
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = pbsd.Config(student_template="{problem} Answer:", teacher_template="{problem} See: {solution}",
+                         max_new_tokens=6)
+    examples = data.synthetic_math(6, seed=4)
+    for role, make_prompt, template in (("student", data.student_prompt, config.student_template),
+                                        ("teacher", data.teacher_prompt, config.teacher_template)):
+        accepted = {}
+        for i, example in enumerate(examples[::2]):
+            prompt = make_prompt(example, tokenizer, False, template)
+            tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                 eos_token_id=list(tokenizer.eos_ids), pad_token_id=0)[0, len(prompt):].tolist()
+            accepted[example.problem] = tokenizer.decode(tokens)
+        monkeypatch.setattr(data, "reward", lambda example, text: float(accepted.get(example.problem) == text))
+        assert pbsd.greedy_accuracy(ours, tokenizer, examples, config, role) == 0.5, role
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT asks it
 @pytest.mark.parametrize("loss", ["pbsd", "opsd", "opsd_sampled", "sft"])
 def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, train_file, tmp_path, loss):

@@ -602,7 +602,7 @@ def report_toy(results, out_dir):
         spreads = [spread(v) for v in values]
         ax.plot(steps, mean, "o-", label=name)
         ax.fill_between(steps, [m - s for m, s in zip(mean, spreads)], [m + s for m, s in zip(mean, spreads)], alpha=0.15)
-    teacher = next(iter(results.values()))[0][0].get("teacher_avg_at_k")
+    teacher = first.get("teacher_avg_at_k")
     if teacher is not None:
         ax.axhline(teacher, color="gray", ls="--", label="frozen teacher (reads the solution)")
     ax.set(xlabel="step", ylabel=f"held-out student Avg@{k}", title="toy world: same warm start, same budget")

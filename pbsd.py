@@ -177,15 +177,43 @@ def _validate(config):
 # ---- the toy world's checkpoint
 
 
+def toy_recipe(config):
+    """Everything the toy checkpoint and its problems follow from, but the seed: runs of any seed share one."""
+    return {"task": TOY_TASK, "problems": [TOY_TRAIN, TOY_HELD_OUT], "model": TOY_MODEL,
+            "warm_start": {**TOY_WARM_START, "steps": config.toy_warm_start_steps},
+            "templates": [config.student_template, config.teacher_template]}
+
+
+def earlier_runs_folder(out_dir):
+    """A new, empty out_dir/earlier_runs/<time>/ (-2, -3, ... for a second folder within the same second)."""
+    archive = stamp = os.path.join(out_dir, "earlier_runs", time.strftime("%Y%m%d-%H%M%S"))
+    for count in itertools.count(2):
+        if not os.path.exists(archive):
+            break
+        archive = f"{stamp}-{count}"
+    os.makedirs(archive)
+    return archive
+
+
 def build_toy_world(config):
     """
     Writes out_dir/toy_base: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
     warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the
-    loop then reads like any data set. A second run finds the folder and skips the work. Returns its path.
+    loop then reads like any data set. A later run with the same recipe (toy_recipe) finds the folder and skips
+    the work; one with another moves the folder to earlier_runs/ and builds anew. Returns its path.
     """
     path = os.path.join(config.out_dir, "toy_base")
+    recipe = json.loads(json.dumps(toy_recipe(config)))  # as warm_start.json holds it (tuples become lists)
     if os.path.exists(os.path.join(path, "warm_start.json")):
-        return path
+        built = json.load(open(os.path.join(path, "warm_start.json"))).get("recipe", {})
+        if built == recipe:
+            return path
+        # reusing a cache built from other settings would silently train another world than the one asked for
+        changed = [key for key in recipe if built.get(key) != recipe[key]]
+        archive = earlier_runs_folder(config.out_dir)
+        os.replace(path, os.path.join(archive, "toy_base"))
+        print(f"[toy] {path} was built with other settings ({', '.join(changed)}); moved it to {archive}",
+              file=sys.stderr)
     print(f"[toy] building the toy world in {path} (cached for the next run)", file=sys.stderr)
     start = time.time()
     held_out = data.synthetic_math(TOY_HELD_OUT, seed=2, **TOY_TASK)
@@ -232,7 +260,7 @@ def build_toy_world(config):
     model.requires_grad_(False)
     qwen3.save_qwen3(model, tmp)
     json.dump({"eos_token_id": list(tokenizer.eos_ids)}, open(os.path.join(tmp, "generation_config.json"), "w"))
-    json.dump({**TOY_WARM_START, "steps": steps, "seconds": round(time.time() - start, 1)},
+    json.dump({"recipe": recipe, "seed": config.seed, "seconds": round(time.time() - start, 1)},
               open(os.path.join(tmp, "warm_start.json"), "w"))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
@@ -648,12 +676,7 @@ class Trainer:
             earlier = [n for n in ("metrics.jsonl", "learning_curve.png", "config.json", "checkpoints")
                        if os.path.exists(os.path.join(out_dir, n))]
             if earlier:
-                archive = stamp = os.path.join(out_dir, "earlier_runs", time.strftime("%Y%m%d-%H%M%S"))
-                for count in itertools.count(2):  # two runs started within a second of each other
-                    if not os.path.exists(archive):
-                        break
-                    archive = f"{stamp}-{count}"
-                os.makedirs(archive)
+                archive = earlier_runs_folder(out_dir)
                 for name in earlier:
                     os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
                 print(f"[pbsd] {out_dir} held an earlier run; moved its {', '.join(earlier)} to {archive} "

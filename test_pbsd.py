@@ -1257,6 +1257,23 @@ def test_toy_world_shortened(tmp_path):
         assert steps == [1, 2], run
 
 
+def test_toy_world_cache_follows_its_recipe(tmp_path, capsys):
+    """The cached toy checkpoint is reused for the same settings only; another one moves it aside, whole."""
+    import pbsd
+    build = lambda *args: pbsd.build_toy_world(pbsd.parse_args([f"--out_dir={tmp_path}", *args]))
+    base = build("--toy_warm_start_steps=4")
+    weights = (tmp_path / "toy_base" / "model.safetensors").read_bytes()
+    assert "building the toy world" in capsys.readouterr().err
+    assert build("--toy_warm_start_steps=4", "--seed=1") == base  # a run of another seed shares the warm start
+    assert capsys.readouterr().err == ""
+    build("--toy_warm_start_steps=5")
+    err = capsys.readouterr().err
+    assert "built with other settings (warm_start)" in err and "building the toy world" in err
+    moved, = (tmp_path / "earlier_runs").iterdir()
+    assert (moved / "toy_base" / "model.safetensors").read_bytes() == weights
+    recipe = json.load(open(tmp_path / "toy_base" / "warm_start.json"))["recipe"]
+    assert recipe["warm_start"]["steps"] == 5 and recipe["task"]["max_value"] == pbsd.TOY_TASK["max_value"]
+
 def test_bench_toy_reports_avg_and_greedy_accuracy(tmp_path, capsys):
     """bench.py toy, cut to one 2-step run: the table with its greedy column, the plot, the results file."""
     import bench

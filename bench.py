@@ -538,15 +538,15 @@ def toy_greedy_accuracy(base, adapter=None, role="student"):
     return pbsd.greedy_accuracy(model, data.load_tokenizer(base), examples, pbsd.parse_args([]), role)
 
 
-def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2)):
+def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2), world_args=()):
     """
-    Each method from the same cached warm start, with the same steps, batch and learning rate. Each run's
-    evaluations (Avg@k at temperature 1, every eval_every steps) go to results.json, its first and last with the
-    greedy accuracy of the warm start and of its final adapter.
+    Each method from the same cached warm start (built from the toy preset and world_args), with the same steps,
+    batch and learning rate. Each run's evaluations (Avg@k at temperature 1, every eval_every steps) go to
+    results.json, its first and last with the greedy accuracy of the warm start and of its final adapter.
     """
     import pbsd
     os.makedirs(out_dir, exist_ok=True)
-    base_config = pbsd.parse_args([f"--out_dir={out_dir}"])
+    base_config = pbsd.parse_args([f"--out_dir={out_dir}", *world_args])
     base = pbsd.build_toy_world(base_config)  # shared by every run below
     greedy_before, teacher_greedy = toy_greedy_accuracy(base), toy_greedy_accuracy(base, role="teacher")
     results, start, runs = {}, time.time(), [(name, args, seed) for name, args in methods for seed in seeds]

@@ -1277,12 +1277,12 @@ def test_toy_world_cache_follows_its_recipe(tmp_path, capsys):
 def test_bench_toy_reports_avg_and_greedy_accuracy(tmp_path, capsys):
     """bench.py toy, cut to one 2-step run: the table with its greedy column, the plot, the results file."""
     import bench
-    pbsd.build_toy_world(pbsd.parse_args([f"--out_dir={tmp_path}", "--toy_warm_start_steps=4"]))
     bench.bench_toy([("SFT", ["--loss=sft", "--steps=2", "--eval_every=1", "--eval_problems=4", "--eval_k=2"])],
-                    out_dir=str(tmp_path), seeds=(0,))
+                    out_dir=str(tmp_path), seeds=(0,), world_args=["--toy_warm_start_steps=4"])
     printed = capsys.readouterr().out
     assert "greedy accuracy (one answer at temperature 0)" in printed and "greedy after" in printed
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+    assert json.load(open(tmp_path / "toy_base" / "warm_start.json"))["recipe"]["warm_start"]["steps"] == 4
     for run in json.load(open(tmp_path / "results.json"))["SFT"]:
         assert [h["step"] for h in run] == [0, 1, 2]
         assert 0 <= run[0]["greedy_accuracy"] <= 1 and 0 <= run[-1]["greedy_accuracy"] <= 1

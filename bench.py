@@ -9,12 +9,16 @@ Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a 
     python bench.py activations # the bytes a block keeps for backward per token, at the 1.7B and 8B shapes
     python bench.py toy         # the toy world: every objective, three seeds, same warm start and budget
     python bench.py beta        # the toy world: PBSD at six values of beta, three seeds each
+    python bench.py wrong_references  # the toy world's objectives where half the reference solutions end wrong
 
-Results print as tables; `toy` and `beta` also write out/bench_{toy,beta}/results.json and comparison.png.
+Results print as tables; `toy`, `beta` and `wrong_references` also write out/bench_{toy,beta,wrong}/results.json
+and comparison.png.
 """
 
+import dataclasses
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -527,34 +531,41 @@ TOY_BETAS = [(f"PBSD (label reward), beta {beta}", ["--loss=pbsd", f"--beta={bet
              for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)]
 
 
-def toy_greedy_accuracy(base, adapter=None, role="student"):
-    """pbsd.greedy_accuracy on the toy's held-out problems: the student with a run's adapter (none: the warm start)."""
+def toy_greedy_accuracy(base, data_dir, adapter=None, role="student"):
+    """
+    pbsd.greedy_accuracy on the held-out problems in data_dir: the student with a run's adapter (none: the warm
+    start), or the teacher reading their reference solutions.
+    """
     import data
     import pbsd
     model = qwen3.load_qwen3(base, dtype=torch.float32)
     if adapter:
         qwen3.load_lora(model, adapter)
-    examples = data.load_examples(os.path.join(base, "held_out.jsonl"))
+    examples = data.load_examples(os.path.join(data_dir, "held_out.jsonl"))
     return pbsd.greedy_accuracy(model, data.load_tokenizer(base), examples, pbsd.parse_args([]), role)
 
 
-def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2), world_args=()):
+def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2), world_args=(), data_dir=None):
     """
     Each method from the same cached warm start (built from the toy preset and world_args), with the same steps,
-    batch and learning rate. Each run's evaluations (Avg@k at temperature 1, every eval_every steps) go to
-    results.json, its first and last with the greedy accuracy of the warm start and of its final adapter.
+    batch and learning rate, on data_dir's train.jsonl and held_out.jsonl (None: the toy world's own). Each run's
+    evaluations (Avg@k at temperature 1, every eval_every steps) go to results.json, its first and last with the
+    greedy accuracy of the warm start and of its final adapter.
     """
     import pbsd
     os.makedirs(out_dir, exist_ok=True)
     base_config = pbsd.parse_args([f"--out_dir={out_dir}", *world_args])
     base = pbsd.build_toy_world(base_config)  # shared by every run below
-    greedy_before, teacher_greedy = toy_greedy_accuracy(base), toy_greedy_accuracy(base, role="teacher")
+    data_dir = data_dir or base
+    greedy_before = toy_greedy_accuracy(base, data_dir)
+    teacher_greedy = toy_greedy_accuracy(base, data_dir, role="teacher")
     results, start, runs = {}, time.time(), [(name, args, seed) for name, args in methods for seed in seeds]
     for done, (name, args, seed) in enumerate(runs):
         run_dir = os.path.join(out_dir, "_".join(a.split("=")[1] for a in args) + f"_seed{seed}")
         # the method's arguments come last: they override the toy world's (beta among them)
         command = [sys.executable, "pbsd.py", f"--out_dir={run_dir}", f"--model={base}",
-                   f"--data={os.path.join(base, 'train.jsonl')}", f"--eval_data={os.path.join(base, 'held_out.jsonl')}",
+                   f"--data={os.path.join(data_dir, 'train.jsonl')}",
+                   f"--eval_data={os.path.join(data_dir, 'held_out.jsonl')}",
                    f"--seed={seed}", *[f"--{k}={v}" for k, v in pbsd.TOY_WORLD.items() if k != "out_dir"], *args]
         left = f", about {(time.time() - start) / done * (len(runs) - done) / 60:.0f} min left" if done else ""
         print(f"[bench toy] run {done + 1}/{len(runs)}: {name}, seed {seed}{left}", file=sys.stderr, flush=True)
@@ -562,11 +573,47 @@ def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2), wor
         history = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
                    if '"eval_avg_at_k"' in line]
         last = os.path.join(run_dir, "checkpoints", f"step_{history[-1]['step']:06d}")
-        history[0]["greedy_accuracy"], history[-1]["greedy_accuracy"] = greedy_before, toy_greedy_accuracy(base, last)
+        history[0]["greedy_accuracy"] = greedy_before
+        history[-1]["greedy_accuracy"] = toy_greedy_accuracy(base, data_dir, last)
         history[0]["teacher_greedy_accuracy"] = teacher_greedy
         results.setdefault(name, []).append(history)
     json.dump(results, open(os.path.join(out_dir, "results.json"), "w"))
     report_toy(results, out_dir)
+
+
+# Generated reference solutions are sometimes wrong where the data set's answer is right. Here half of them end in
+# a wrong result: a teacher that copies its reference is wrong on those prompts, and of the objectives only
+# PBSD's reward label can tell the student so (its target, the teacher reweighted by exp(r / beta), is then
+# better than the teacher).
+TOY_WRONG_SHARE = 0.5
+
+
+def with_wrong_references(examples, share, seed):
+    """The examples, a share of them with the result in their worked solution moved by 1 to 10 (the answer kept)."""
+    rng = random.Random(seed)
+    changed = []
+    for e in examples:
+        if rng.random() < share:
+            result = int(e.answer)
+            wrong = result + rng.choice([d for d in range(-10, 11) if d != 0 and result + d >= 0])
+            *lines, last = e.solution.split("\n")  # the last operation's line, then \boxed{result}
+            lines[-1] = lines[-1].rsplit("= ", 1)[0] + f"= {wrong}"
+            e = dataclasses.replace(e, solution="\n".join([*lines, f"\\boxed{{{wrong}}}"]))
+        changed.append(e)
+    return changed
+
+
+def bench_wrong_references(out_dir="out/bench_wrong", seeds=(0, 1), methods=TOY_METHODS):
+    """The toy world's objectives where half the reference solutions (training and held-out) end wrong."""
+    import data
+    import pbsd
+    base = pbsd.build_toy_world(pbsd.parse_args([f"--out_dir={out_dir}"]))
+    data_dir = os.path.join(out_dir, "wrong_references")
+    os.makedirs(data_dir, exist_ok=True)
+    for seed, name in enumerate(("train.jsonl", "held_out.jsonl")):
+        examples = with_wrong_references(data.load_examples(os.path.join(base, name)), TOY_WRONG_SHARE, seed)
+        data.write_examples(os.path.join(data_dir, name), examples)
+    bench_toy(methods, out_dir, seeds, data_dir=data_dir)
 
 
 def spread(values):
@@ -619,7 +666,7 @@ def device_name():
 if __name__ == "__main__":
     benches = {"sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train, "profile": bench_profile,
                "decode": bench_decode, "activations": bench_activations, "toy": bench_toy,
-               "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta")}
+               "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta"), "wrong_references": bench_wrong_references}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]
     if unknown:

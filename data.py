@@ -90,6 +90,13 @@ def load_examples(path, problem_key="problem", solution_key="solution", answer_k
     return examples
 
 
+def write_examples(path, examples):
+    """Math examples as the JSONL that load_examples reads back."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"problem": e.problem, "solution": e.solution, "answer": e.answer}) + "\n"
+                     for e in examples)
+
+
 # Tool use, in the ToolAlpaca style: a request plus API documentation; the answer is one call,
 #   Action: <name>
 #   Action Input: <JSON arguments>

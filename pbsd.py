@@ -224,10 +224,8 @@ def build_toy_world(config):
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, examples in (("train.jsonl", train), ("held_out.jsonl", held_out)):
-        with open(os.path.join(tmp, name), "w") as f:
-            f.writelines(json.dumps({"problem": e.problem, "solution": e.solution, "answer": e.answer}) + "\n"
-                         for e in examples)
+    data.write_examples(os.path.join(tmp, "train.jsonl"), train)
+    data.write_examples(os.path.join(tmp, "held_out.jsonl"), held_out)
     student_template, teacher_template = config.student_template or None, config.teacher_template or None
     texts = [data.teacher_prompt(e, template=teacher_template) + e.solution + data.IM_END for e in train[:1000]]
     tokenizer = data.train_tokenizer(texts, TOY_WARM_START["vocab_size"], tmp)

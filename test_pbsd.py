@@ -741,6 +741,28 @@ def test_synthetic_math_is_deterministic_and_correct():
         assert str(value) == example.answer
 
 
+def test_wrong_references_keep_the_answer_and_survive_a_file(tmp_path):
+    """bench.py's wrong references: about the share changed, each worked solution consistent with itself but
+    graded wrong by the reward, the answer kept; written and read back unchanged."""
+    import bench
+    examples = data.synthetic_math(400, seed=3, steps=(1, 2), max_value=40)
+    changed = bench.with_wrong_references(examples, 0.5, seed=0)
+    path = str(tmp_path / "wrong.jsonl")
+    data.write_examples(path, changed)
+    assert data.load_examples(path) == changed
+    wrong = 0
+    for before, after in zip(examples, changed):
+        assert (after.problem, after.answer) == (before.problem, before.answer)
+        lines = after.solution.splitlines()
+        assert lines[:-2] == before.solution.splitlines()[:-2]  # only the last operation's result moves
+        left, result = lines[-2].split(" = ")
+        assert data.last_boxed(after.solution) == result and int(result) >= 0
+        if after.solution != before.solution:
+            wrong += 1
+            assert eval(left) != int(result) and 1 <= abs(int(result) - int(after.answer)) <= 10
+            assert data.math_reward(after.solution, after.answer) == 0
+    assert 160 <= wrong <= 240
+
 def _write(path, text):
     path.write_text(text)
     return str(path)

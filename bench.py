@@ -17,6 +17,7 @@ and comparison.png.
 
 import dataclasses
 import json
+import math
 import os
 import random
 import statistics
@@ -603,7 +604,43 @@ def with_wrong_references(examples, share, seed):
     return changed
 
 
-def bench_wrong_references(out_dir="out/bench_wrong", seeds=(0, 1), methods=TOY_METHODS):
+# beta bounds how far the target moves from the teacher: pi* / pi_T is at most exp(1 / beta) times larger on a
+# right answer than on a wrong one, and a teacher copying a wrong reference puts little mass on the right answer
+TOY_WRONG_METHODS = TOY_METHODS + [("PBSD (label reward), beta 0.05",
+                                    ["--loss=pbsd", "--pbsd_label=reward", "--beta=0.05"])]
+
+
+@torch.no_grad()
+def report_target_on_wrong_references(base, right, wrong):
+    """
+    How much of the PBSD target pi* is right where the teacher reads a wrong reference, against beta. On those
+    problems pi*(right) = P e^(1/beta) / (1 + (e^(1/beta) - 1) P), P = pi_T(a right response | x, c); P is at
+    least p, the teacher's probability of the correct worked solution, and pi*(right) grows with P, so p gives a
+    lower bound.
+    """
+    import data
+    import pbsd
+    model, tokenizer = qwen3.load_qwen3(base, dtype=torch.float32), data.load_tokenizer(base)
+    pairs = [(r, w) for r, w in zip(right, wrong) if r.solution != w.solution]
+    prompts = [data.teacher_prompt(w, tokenizer, template=pbsd.TOY_WORLD["teacher_template"]) for _, w in pairs]
+    end_of_turn = tokenizer.encode(data.IM_END)
+    sums = {}
+    for name, solutions in (("right", [r.solution for r, _ in pairs]), ("wrong", [w.solution for _, w in pairs])):
+        hidden, targets, rows = pbsd.response_hidden(model, prompts, [tokenizer.encode(s) + end_of_turn
+                                                                      for s in solutions])
+        logp = kernels.token_logprobs(hidden, model.lm_head_weight, targets)  # (N,)
+        sums[name] = pbsd.sequence_sums(logp, rows, len(pairs)).double()  # (P,) log pi_T of each whole solution
+    rows = []
+    for beta in (2.0, 1.0, 0.5, 0.25, 0.1, 0.05):
+        p, boost = sums["right"].exp(), math.exp(1 / beta)
+        target_right = p * boost / (1 + (boost - 1) * p)  # (P,)
+        rows.append([f"{beta}", f"{target_right.mean():.3f}", f"{target_right.median():.3f}"])
+    print_table(f"toy world, wrong references: the {len(pairs)} held-out problems whose reference is wrong; the "
+                f"teacher's log-probability of copying it, median {sums['wrong'].median():.2f}, of the correct "
+                f"worked solution {sums['right'].median():.1f}; pi*(right) at least", ["beta", "mean", "median"], rows)
+
+
+def bench_wrong_references(out_dir="out/bench_wrong", seeds=(0, 1), methods=TOY_WRONG_METHODS):
     """The toy world's objectives where half the reference solutions (training and held-out) end wrong."""
     import data
     import pbsd
@@ -611,8 +648,10 @@ def bench_wrong_references(out_dir="out/bench_wrong", seeds=(0, 1), methods=TOY_
     data_dir = os.path.join(out_dir, "wrong_references")
     os.makedirs(data_dir, exist_ok=True)
     for seed, name in enumerate(("train.jsonl", "held_out.jsonl")):
-        examples = with_wrong_references(data.load_examples(os.path.join(base, name)), TOY_WRONG_SHARE, seed)
-        data.write_examples(os.path.join(data_dir, name), examples)
+        right = data.load_examples(os.path.join(base, name))
+        wrong = with_wrong_references(right, TOY_WRONG_SHARE, seed)
+        data.write_examples(os.path.join(data_dir, name), wrong)
+    report_target_on_wrong_references(base, right, wrong)
     bench_toy(methods, out_dir, seeds, data_dir=data_dir)
 
 

@@ -584,8 +584,8 @@ def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2), wor
 
 # Generated reference solutions are sometimes wrong where the data set's answer is right. Here half of them end in
 # a wrong result: a teacher that copies its reference is wrong on those prompts, and of the objectives only
-# PBSD's reward label can tell the student so (its target, the teacher reweighted by exp(r / beta), is then
-# better than the teacher).
+# PBSD's reward label can tell the student so. Its target, the teacher reweighted by exp(r / beta), is better
+# than the teacher only as far as beta lets it move (report_target_on_wrong_references measures how far).
 TOY_WRONG_SHARE = 0.5
 
 

@@ -138,13 +138,15 @@ def bench_sampler():
                 f"GB/s of the weights + written KV read per step",
                 ["batch", "new tok/s", "GB/s", "of H100 roofline", "transformers tok/s", "speed-up"], rows)
 
-    # a PBSD step samples the student (LoRA on) and the teacher (LoRA off, a longer prompt with the solution):
-    # as two calls, or as one batch that switches the adapters per row
+    # a PBSD step samples the student (LoRA on) and the teacher (LoRA off, whose prompt adds a reference solution):
+    # as two calls, or as one batch that switches the adapters per row, its student rows padded apart from the
+    # teacher's where that saves SEGMENT_MIN_SAVING row-slots (qwen3.prompt_segments), or padded with them
     qwen3.apply_lora(model)
+    solution_len = 1024
     rows = []
     for batch in batches[:2]:
         student = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
-        teacher = torch.randint(0, shape["vocab_size"], (batch, 2 * prompt_len)).tolist()
+        teacher = torch.randint(0, shape["vocab_size"], (batch, prompt_len + solution_len)).tolist()
 
         def two_calls():
             qwen3.generate(model, student, new_tokens, seed=0, compile=CUDA)
@@ -153,12 +155,23 @@ def bench_sampler():
 
         one_batch = lambda: qwen3.generate(model, student + teacher, new_tokens, seed=0, compile=CUDA,
                                            adapters=[True] * batch + [False] * batch)
-        separate, together = timed(two_calls, repeats=2), timed(one_batch, repeats=2)
-        rows.append([batch, f"{2 * batch * new_tokens / separate:,.0f}", f"{2 * batch * new_tokens / together:,.0f}",
-                     f"{separate / together:.2f}x"])
-    print_table(f"sampler, both roles with LoRA r=64: {prompt_len}-token student and {2 * prompt_len}-token teacher "
-                f"prompts, {new_tokens} new tokens each", ["prompts per role", "two calls tok/s", "one batch tok/s",
-                                                          "speed-up"], rows)
+
+        def one_segment():
+            saving, qwen3.SEGMENT_MIN_SAVING = qwen3.SEGMENT_MIN_SAVING, math.inf
+            try:
+                one_batch()
+            finally:
+                qwen3.SEGMENT_MIN_SAVING = saving
+
+        segments = len(qwen3.prompt_segments([prompt_len] * batch + [prompt_len + solution_len] * batch,
+                                             [1] * 2 * batch, 64 if CUDA else 1))
+        separate, padded, together = (timed(fn, repeats=2) for fn in (two_calls, one_segment, one_batch))
+        rows.append([batch, f"{2 * batch * new_tokens / separate:,.0f}", f"{2 * batch * new_tokens / padded:,.0f}",
+                     f"{2 * batch * new_tokens / together:,.0f}", segments, f"{separate / together:.2f}x"])
+    print_table(f"sampler, both roles with LoRA r=64: {prompt_len}-token student and {prompt_len + solution_len}-token "
+                f"teacher prompts, {new_tokens} new tokens each; tok/s", ["prompts per role", "two calls",
+                                                                         "one batch, padded together", "one batch",
+                                                                         "its segments", "speed-up"], rows)
 
 
 def per_call_seconds(fn, argument_sets, repeats=20):

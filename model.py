@@ -146,19 +146,28 @@ class Attention(nn.Module):
         k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if cache is not None and T == 1:
+            # a decode step: row b writes its keys and values at its own slot cache_index[b], and the rows of each
+            # segment attend the segment's window, the first W cache slots (W = the width of its mask, which
+            # hides the unwritten and padding slots). The H/Hkv query heads that share a KV head become that head's
+            # queries, so each KV slot is read once: (B, H, 1, hd) -> (B, Hkv, H/Hkv, hd), head h = kv_head * H/Hkv
+            # + g as in repeat_kv.
             k_cache, v_cache = cache  # (B, Hkv, S, hd) each, written in place
+            slot = cache_index.view(B, 1, 1, 1).expand_as(k)  # (B, Hkv, 1, hd)
+            k_cache.scatter_(2, slot, k)
+            v_cache.scatter_(2, slot, v)
+            grouped = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
+            ys, start = [], 0
+            for segment_mask in mask:  # (rows, 1, 1, W) each, the segments' rows in order
+                rows, window = slice(start, start + segment_mask.shape[0]), segment_mask.shape[-1]
+                ys.append(F.scaled_dot_product_attention(grouped[rows], k_cache[rows, :, :window],
+                                                         v_cache[rows, :, :window], attn_mask=segment_mask))
+                start = rows.stop
+            return self.o_proj(torch.cat(ys).reshape(B, 1, self.n_head * self.head_dim))
+        if cache is not None:  # a prefill writes its keys and values at slots cache_index (T,)
+            k_cache, v_cache = cache
             k_cache.index_copy_(2, cache_index, k)
             v_cache.index_copy_(2, cache_index, v)
-        if cache is not None and T == 1:
-            # a decode step attends the first W cache slots, W = the mask's width; the mask hides the unwritten
-            # ones. The H/Hkv query heads that share a KV head become that head's queries, so each KV slot is
-            # read once: (B, H, 1, hd) -> (B, Hkv, H/Hkv, hd), head h = kv_head * H/Hkv + g as in repeat_kv.
-            window = mask.shape[-1]
-            k, v = k_cache[:, :, :window], v_cache[:, :, :window]  # (B, Hkv, W, hd)
-            grouped = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
-            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)  # (B, Hkv, H/Hkv, hd)
-            return self.o_proj(y.reshape(B, 1, self.n_head * self.head_dim))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_head != self.n_kv_head)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -215,7 +224,9 @@ class Qwen3(nn.Module):
         """
         input_ids (B, T) -> final-norm hidden states (B, T, D).
         attention_mask (B, T), 1 for real tokens: for left-padded batches; positions then count real tokens only.
-        caches / cache_index / mask are the sampler's: one (k, v) cache per layer, written at cache_index.
+        caches / cache_index / mask are the sampler's: one (k, v) cache per layer. A prefill writes at slots
+        cache_index (T,); a decode step (T = 1) writes row b at slot cache_index[b] (B, 1) and attends with mask, a
+        list of per-segment masks (see generate).
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -537,14 +548,22 @@ def load_lora(model, path):
     return model
 
 
-# The sampler. Prompts are left-padded into one batch so that every row's next token sits in the
-# same column; each row keeps its own positions (counting its real tokens only), so a prompt gives
-# the same tokens in a batch as alone. The KV cache is preallocated for prompt + new tokens. A decode
-# step reads every weight and the cache slots it attends; to not read the unwritten tail of the cache,
-# it attends a window of the first W slots, W rounded up to WINDOW, so a step has one of a few shapes
-# (each compiled graph and CUDA graph serves many steps).
+# The sampler. Prompts are left-padded so that every row's next token sits in the same column; each row keeps
+# its own positions (counting its real tokens only), so a prompt gives the same tokens in a batch as alone. The KV
+# cache is preallocated for prompt + new tokens. A decode step reads every weight and the cache slots it attends;
+# to not read the unwritten tail of the cache, it attends a window of the first W slots, W rounded up to WINDOW,
+# so a step has one of a few shapes (each compiled graph and CUDA graph serves many steps).
+#
+# The loop's calls put short prompts before long ones: the student's, then the teacher's, which carry a reference
+# solution. Padded to the teacher's length, a student row would read that much padding from the cache at every
+# step; at batch 64 with 2K-token windows the cache, not the weights, is most of what a step reads. So a call is
+# cut into at most two segments of consecutive prompts, each padded to its own longest prompt and attending its
+# own window. A second segment costs every layer a second attention launch, about 10 us on an H100 (the 753cb6d
+# profile: 14 us a layer at batch 1), what reading one layer's keys and values costs at 8K slots (4 KB a slot at
+# Qwen3's 8 KV heads of 128 in bf16, at 3.35 TB/s): hence the cut only where it saves that many row-slots.
 
 WINDOW = 256
+SEGMENT_MIN_SAVING = 8192
 
 # Sampling noise is counter-based: the Exp(1) draw for token id v at step t of a row is splitmix64 output number
 # t * V + v + 1 of the stream that the row's key seeds. A row draws the same noise whatever else shares its batch
@@ -616,10 +635,9 @@ class DecodeState(NamedTuple):
     """
     token: torch.Tensor  # (B, 1) the last sampled token, fed to the next step
     position: torch.Tensor  # (B, 1) its position (real tokens before it)
-    slot: torch.Tensor  # (1,) the cache slot its keys and values go to
+    slot: torch.Tensor  # (B, 1) the cache slot its keys and values go to (its segment's padded prompt + step)
     column: torch.Tensor  # (1,) the column of new_tokens the next sampled token goes to
-    prompt_valid: torch.Tensor  # (B, S) the real prompt slots
-    new_slot: torch.Tensor  # (S,) the slots after the prompt
+    attended: torch.Tensor  # (B, S) the slots a row attends: its prompt's real tokens, then each token fed since
     row_key: torch.Tensor  # (B,) int64, each row's sampling noise key
     eos: torch.Tensor  # (E,) the ids that stop a row
     new_tokens: torch.Tensor  # (B, N) the sampled tokens, -1 after a row's EOS
@@ -640,16 +658,18 @@ def sample_and_record(state, logits, temperature, top_k, top_p):
     state.column.add_(1)
 
 
-def decode_step(model, caches, state, window, temperature, top_k, top_p):
+def decode_step(model, caches, state, windows, temperature, top_k, top_p):
     """
     Feeds every row's last token, samples the next and records it, all in place: the step reads and writes only
-    the caches and the state, so it can be recorded once as a CUDA graph and replayed. window: how many cache
-    slots to attend.
+    the caches and the state, so it can be recorded once as a CUDA graph and replayed. windows: per segment, its
+    number of rows and how many cache slots they attend.
     """
-    attended = torch.arange(window, device=state.slot.device)
-    written = state.new_slot[:window] & (attended <= state.slot)  # (W,)
-    mask = (state.prompt_valid[:, :window] | written)[:, None, None, :]  # (B, 1, 1, W)
-    hidden = model(state.token, position_ids=state.position, caches=caches, cache_index=state.slot, mask=mask)
+    state.attended.scatter_(1, state.slot, True)
+    masks, start = [], 0
+    for rows, window in windows:
+        masks.append(state.attended[start:start + rows, None, None, :window])  # (rows, 1, 1, W)
+        start += rows
+    hidden = model(state.token, position_ids=state.position, caches=caches, cache_index=state.slot, mask=masks)
     sample_and_record(state, model.logits(hidden[:, -1]).float(), temperature, top_k, top_p)
     state.slot.add_(1)
     state.position.add_(1)
@@ -688,15 +708,13 @@ def kv_caches(config, n_rows, n_slots, dtype, device):
     return [(per_layer[i, 0], per_layer[i, 1]) for i in range(config.num_hidden_layers)]
 
 
-def decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
-    n_slots = prompt_len + max_new_tokens
+def decode_state(model, n_rows, n_slots, max_new_tokens, eos_ids, device):
     return DecodeState(
         token=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
         position=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
-        slot=torch.zeros(1, dtype=torch.long, device=device),
+        slot=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
         column=torch.zeros(1, dtype=torch.long, device=device),
-        prompt_valid=torch.zeros(n_rows, n_slots, dtype=torch.bool, device=device),
-        new_slot=torch.arange(n_slots, device=device) >= prompt_len,
+        attended=torch.zeros(n_rows, n_slots, dtype=torch.bool, device=device),
         row_key=torch.zeros(n_rows, dtype=torch.long, device=device),
         eos=torch.tensor(list(eos_ids), dtype=torch.long, device=device),
         new_tokens=torch.empty(n_rows, max_new_tokens, dtype=torch.long, device=device),
@@ -704,15 +722,31 @@ def decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
         adapter_rows=torch.ones(n_rows, 1, 1, dtype=model.embed_tokens.weight.dtype, device=device))
 
 
-def recorded_decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device):
+def recorded_decoder(model, n_rows, n_slots, max_new_tokens, eos_ids, device):
     """The DecodeState and the CUDA graphs recorded on it, for this model, these weights and this call shape."""
     # apply_lora and merge_lora change the weights; the adapters' sampling copies are buffers
     weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
     per_model = _decoders.setdefault(model, {})
-    key = (weights, n_rows, prompt_len, max_new_tokens, tuple(eos_ids))
+    key = (weights, n_rows, n_slots, max_new_tokens, tuple(eos_ids))
     if key not in per_model:
-        per_model[key] = (decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device), {})
+        per_model[key] = (decode_state(model, n_rows, n_slots, max_new_tokens, eos_ids, device), {})
     return per_model[key]
+
+
+def prompt_segments(lengths, rows, multiple):
+    """
+    Cuts the prompts, in order, into at most two segments, each padded to its longest prompt rounded up to a
+    multiple of `multiple`: the cut that pads the fewest row-slots, where it saves SEGMENT_MIN_SAVING or more.
+    lengths and rows: per prompt, its tokens and its sample rows. Returns (slice of prompts, padded length) per
+    segment.
+    """
+    padded = lambda run: -(-max(lengths[run]) // multiple) * multiple
+    row_slots = lambda runs: sum(sum(rows[run]) * padded(run) for run in runs)  # what the prompts take in the cache
+    n = len(lengths)
+    whole = [slice(0, n)]
+    cut = min(([slice(0, k), slice(k, n)] for k in range(1, n)), key=row_slots, default=whole)
+    runs = cut if row_slots(whole) - row_slots(cut) >= SEGMENT_MIN_SAVING else whole
+    return [(run, padded(run)) for run in runs]
 
 
 def replay_or_record(graphs, kind, step):
@@ -757,10 +791,10 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         raise ValueError(f"generate: adapters needs one bool per prompt ({n_prompts}), got {len(adapters)}")
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
-    prompt_len = max(len(p) for p in prompts)
-    if compile:  # every call shape has graphs of its own: round up, so a run sees few shapes
-        prompt_len = -(-prompt_len // 64) * 64
-    n_rows, n_slots = sum(samples), prompt_len + max_new_tokens
+    # compiled, every call shape has graphs of its own: prompt lengths round up, so a run sees few shapes
+    segments = prompt_segments([len(p) for p in prompts], samples, 64 if compile else 1)
+    n_rows, n_slots = sum(samples), max(padded for _, padded in segments) + max_new_tokens
+    first_row = list(itertools.accumulate(samples, initial=0))  # prompt p's samples: rows first_row[p] to p + 1's
     row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
     if seed is None:
         seed = int(torch.randint(2**62, ()))
@@ -769,13 +803,6 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         raise ValueError(f"generate: seed must be one number, or one per prompt ({n_prompts}); got {len(prompt_seeds)}")
     # sample j of prompt p draws its noise from the j-th child of the prompt's seed
     row_keys = [key for p in range(n_prompts) for key in child_seeds(prompt_seeds[p], samples[p])]
-
-    input_ids = torch.zeros(n_prompts, prompt_len, dtype=torch.long)
-    attention_mask = torch.zeros(n_prompts, prompt_len, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, prompt_len - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, prompt_len - len(prompt):] = True
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     dtype = model.embed_tokens.weight.dtype
     prompt_adapters = None if adapters is None else torch.tensor(adapters, dtype=dtype, device=device)[:, None, None]
 
@@ -786,24 +813,38 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         caches = kv_caches(config, n_rows, n_slots, dtype, device)
         use_graphs = compile and device.type == "cuda"
         if use_graphs:
-            state, graphs = recorded_decoder(model, n_rows, prompt_len, max_new_tokens, eos_ids, device)
+            state, graphs = recorded_decoder(model, n_rows, n_slots, max_new_tokens, eos_ids, device)
         else:  # nothing replays on its addresses, so nothing is kept: the eager path sees a new shape every call
-            state = decode_state(model, n_rows, prompt_len, max_new_tokens, eos_ids, device)
-        # the prefill writes prompt p's keys and values into cache row p, then every sample's row gets a copy of its
-        # prompt's (the indexed right-hand side is a copy, so rows may overlap)
-        prompt_rows = [(k[:n_prompts, :, :prompt_len], v[:n_prompts, :, :prompt_len]) for k, v in caches]
-        with adapters_on_rows(model, prompt_adapters):
-            hidden = model(input_ids, attention_mask=attention_mask, caches=prompt_rows,
-                           cache_index=torch.arange(prompt_len, device=device))
-        logits = model.logits(hidden[:, -1]).float()[row_prompt]  # (B, V)
-        for tensor in (t for cache in caches for t in cache):
-            tensor[:, :, :prompt_len] = tensor[:n_prompts, :, :prompt_len][row_prompt]
-            # the slots after the prompt start at zero, so what an earlier call left there cannot reach this one
-            # (they are masked, but 0 * NaN is NaN)
-            tensor[:, :, prompt_len:].zero_()
-        state.prompt_valid.copy_(F.pad(attention_mask[row_prompt], (0, max_new_tokens)))
-        state.position.copy_(attention_mask.sum(-1, keepdim=True)[row_prompt])
-        state.slot.fill_(prompt_len)
+            state = decode_state(model, n_rows, n_slots, max_new_tokens, eos_ids, device)
+        state.attended.zero_()
+        logits = []
+        for run, prompt_len in segments:
+            n_run = run.stop - run.start
+            input_ids = torch.zeros(n_run, prompt_len, dtype=torch.long)
+            attention_mask = torch.zeros(n_run, prompt_len, dtype=torch.bool)
+            for i, prompt in enumerate(prompts[run]):
+                input_ids[i, prompt_len - len(prompt):] = torch.tensor(prompt)
+                attention_mask[i, prompt_len - len(prompt):] = True
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            # the prefill writes the segment's prompts' keys and values into its first rows, then every sample's
+            # row gets a copy of its prompt's (the indexed right-hand side is a copy, so rows may overlap)
+            rows = slice(first_row[run.start], first_row[run.stop])
+            prompt_rows = [(k[rows.start:rows.start + n_run, :, :prompt_len],
+                            v[rows.start:rows.start + n_run, :, :prompt_len]) for k, v in caches]
+            with adapters_on_rows(model, None if adapters is None else prompt_adapters[run]):
+                hidden = model(input_ids, attention_mask=attention_mask, caches=prompt_rows,
+                               cache_index=torch.arange(prompt_len, device=device))
+            logits.append(model.logits(hidden[:, -1]).float())  # (prompts, V)
+            row_prompt_in_run = row_prompt[rows] - run.start
+            for tensor in (t for cache in caches for t in cache):
+                tensor[rows, :, :prompt_len] = tensor[rows.start:rows.start + n_run, :, :prompt_len][row_prompt_in_run]
+                # the slots after the prompt start at zero, so what an earlier call left there cannot reach this
+                # one (they are masked, but 0 * NaN is NaN)
+                tensor[rows, :, prompt_len:].zero_()
+            state.attended[rows, :prompt_len] = attention_mask[row_prompt_in_run]
+            state.slot[rows] = prompt_len
+        logits = torch.cat(logits)[row_prompt]  # (B, V)
+        state.position.copy_(torch.tensor([len(p) for p in prompts], device=device)[row_prompt, None])
         state.column.zero_()
         state.new_tokens.fill_(-1)
         state.done.zero_()
@@ -813,7 +854,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
 
         step_fn = decode_step
         if compile:
-            # dynamic: one compilation serves every batch size, cache length and window
+            # dynamic: one compilation serves every batch size, cache length and window (two: one and two segments)
             if not _compiled_decode_step:
                 _compiled_decode_step.append(torch.compile(decode_step, fullgraph=True, dynamic=True))
             step_fn = _compiled_decode_step[0]
@@ -823,15 +864,18 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
             for step in range(1, max_new_tokens):
                 if step % 32 == 0 and bool(state.done.all()):
                     break
-                # the step feeds token step-1 at slot prompt_len+step-1 and attends the slots up to it, rounded
-                # up; the last slot is never written (the last token is sampled, not fed back), so the window
-                # stays below S
-                window = min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW)
-                run = lambda: step_fn(model, caches, state, window, temperature, top_k, top_p)
+                # in a segment padded to P, the step feeds token step-1 at slot P+step-1 and attends the slots up
+                # to it, rounded up; the last slot is never written (the last token is sampled, not fed back), so
+                # the window stays below S
+                windows = tuple((first_row[run.stop] - first_row[run.start],
+                                 min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW))
+                                for run, prompt_len in segments)
+                step_call = lambda: step_fn(model, caches, state, windows, temperature, top_k, top_p)
                 if use_graphs:
-                    replay_or_record(graphs, (window, temperature, top_k, top_p, lora_on, adapters is not None), run)
+                    replay_or_record(graphs, (windows, temperature, top_k, top_p, lora_on, adapters is not None),
+                                     step_call)
                 else:
-                    run()
+                    step_call()
 
     rollouts = []
     eos_set = set(eos_ids)

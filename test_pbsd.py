@@ -504,6 +504,56 @@ def test_student_and_teacher_in_one_batch(tiny, compile):
         M.generate(ours, student_prompts, 10, num_samples=[1, 0])
 
 
+
+def test_short_prompts_before_long_ones_get_a_segment_of_their_own(tiny, monkeypatch):
+    """
+    The student's prompts before the teacher's longer ones: cut into two segments, each padded to its own longest
+    prompt and attending its own window, where that saves enough cache reads; the rollouts stay each prompt's own.
+    """
+    monkeypatch.setattr(M, "SEGMENT_MIN_SAVING", 8192)
+    # 12 rows of about 100 tokens and 4 of about 1,000: padded apart, 11,760 fewer row-slots
+    assert M.prompt_segments([100, 120, 90, 1000, 1100], [4, 4, 4, 2, 2], 1) == [(slice(0, 3), 120),
+                                                                                (slice(3, 5), 1100)]
+    assert M.prompt_segments([100, 120, 90, 1000, 1100], [2, 2, 2, 1, 1], 1) == [(slice(0, 5), 1100)]  # 5,880
+    assert M.prompt_segments([500, 520, 510], [8, 8, 8], 1) == [(slice(0, 3), 520)]
+    assert M.prompt_segments([7], [3], 64) == [(slice(0, 1), 64)]
+    monkeypatch.setattr(M, "SEGMENT_MIN_SAVING", 1)  # the tiny model's prompts save little, but they exercise it
+    assert M.prompt_segments([4, 7, 70, 65], [2, 1, 1, 2], 64) == [(slice(0, 2), 64), (slice(2, 4), 128)]
+
+    monkeypatch.setattr(M, "WINDOW", 8)
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    for p in M.apply_lora(ours, rank=4, alpha=64):
+        torch.nn.init.normal_(p, std=0.5)
+    student_prompts, teacher_prompts = _prompts([4, 7], seed=3), _prompts([70, 65], seed=4)
+    seeds, counts = [5, 6, 7, 8], [2, 1, 1, 2]
+    alone = [r for p, s, n in zip(student_prompts, seeds, counts) for r in M.generate(ours, [p], 12, seed=[s],
+                                                                                        num_samples=n)]
+    with M.adapters_off(ours):
+        alone += [r for p, s, n in zip(teacher_prompts, seeds[2:], counts[2:])
+                  for r in M.generate(ours, [p], 12, seed=[s], num_samples=n)]
+    for storage in M._kv_storage.values():
+        storage.fill_(float("nan"))  # neither segment may read what an earlier call left
+    attention = F.scaled_dot_product_attention
+    decode_reads = []  # (rows, slots) of each decode step's attention calls
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        if attn_mask is not None and attn_mask.shape[2] == 1:
+            decode_reads.append((k.shape[0], k.shape[2]))
+        return attention(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    both = lambda compile: M.generate(ours, student_prompts + teacher_prompts, 12, seed=seeds, num_samples=counts,
+                                      adapters=[True, True, False, False], compile=compile)
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", recording)
+        assert both(False) == alone
+    # the student's 3 rows attend its 7 prompt slots and the first fed token (8), the teacher's 3 its 70 and one,
+    # rounded up to 72; a layer never reads the teacher's window for a student row
+    assert decode_reads[:2] == [(3, 8), (3, 72)]
+    assert {rows for rows, _ in decode_reads} == {3}
+    assert both(True) == alone  # compiled: prompts padded to 64 and 128
+
+
 # ---- kernels.py against naive float64 implementations
 
 

@@ -1032,7 +1032,8 @@ def test_greedy_accuracy_against_transformers_greedy_answers(tiny_with_tokenizer
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT asks it
 @pytest.mark.parametrize("loss", ["pbsd", "opsd", "opsd_sampled", "sft"])
-def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, train_file, tmp_path, loss):
+def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, train_file, tmp_path, monkeypatch,
+                                                         loss):
     """
     The loss the loop logs for a step of 4 prompts in 4 micro-batches, against the objective written out in
     float64 on transformers' logits: the student is transformers' Qwen3 with our adapter loaded by PEFT, the
@@ -1045,6 +1046,7 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
     trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, loss=loss, batch_size=4, micro_batch_size=1,
                                          n_student=2, n_teacher=2, temperature=temperature, beta=beta))
     trainer.tokenizer.eos_ids = tuple(range(0, trainer.model.config.vocab_size, 3))  # rollouts of several lengths
+    monkeypatch.setattr(pbsd, "BATCH_COST_TOKENS", 0)  # scored in batches of one length each
     with torch.no_grad():
         for p in trainer.lora_params:
             p.normal_(std=0.1)
@@ -1101,8 +1103,31 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
     assert logged == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
 
-def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_file, tmp_path):
-    """The loop's teacher scoring (LoRA off, teacher prompt + response) against transformers' log-softmax."""
+def test_scoring_batches_of_similar_lengths(monkeypatch):
+    """length_batches pads the fewest tokens, each batch counted at BATCH_COST_TOKENS (against every cut)."""
+    import itertools
+    monkeypatch.setattr(pbsd, "BATCH_COST_TOKENS", 1024)
+    assert pbsd.length_batches([300, 2000, 310, 1990]) == [[1, 3], [2, 0]]
+    assert pbsd.length_batches([100, 90, 80]) == [[0, 1, 2]]
+    assert pbsd.length_batches([]) == []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 3000, (7,), generator=g).tolist()
+        ordered = sorted(lengths, reverse=True)
+        cost = lambda cuts: sum(len(ordered[a:b]) * ordered[a] + pbsd.BATCH_COST_TOKENS
+                                for a, b in zip((0, *cuts), (*cuts, len(ordered))))
+        best = min(cost(cuts) for n in range(7) for cuts in itertools.combinations(range(1, 7), n))
+        batches = pbsd.length_batches(lengths)
+        assert sorted(i for b in batches for i in b) == list(range(7))
+        assert sum(len(b) * lengths[b[0]] + pbsd.BATCH_COST_TOKENS for b in batches) == best
+
+
+@pytest.mark.parametrize("batch_cost", [1024, 0])  # the sequences in one right-padded batch; in one batch each
+def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_file, tmp_path, monkeypatch, batch_cost):
+    """
+    The loop's teacher scoring (LoRA off, teacher prompt + response) against transformers' log-softmax; the
+    student's gradients do not depend on how the sequences are batched.
+    """
     import transformers
     path, tokenizer = tiny_with_tokenizer
     trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, temperature=0.8))
@@ -1112,6 +1137,8 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
     hf = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = trainer.teacher_prompts[:3]
     responses = [tokenizer.encode(e.solution) + tokenizer.encode(data.IM_END) for e in trainer.train_examples[:3]]
+    monkeypatch.setattr(pbsd, "BATCH_COST_TOKENS", batch_cost)
+    assert len(pbsd.length_batches([len(p) + len(r) for p, r in zip(prompts, responses)])) == (1 if batch_cost else 3)
     logp, _, rows, _ = trainer.score(prompts, responses, teacher=True)
     expected = []
     for prompt, response in zip(prompts, responses):
@@ -1120,8 +1147,16 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
         expected.append(logits[positions].log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0])
     assert (logp - torch.cat(expected)).abs().max() < 1e-4
     assert rows.tolist() == [r for r, response in enumerate(responses) for _ in response]
-    student_logp, _, _, _ = trainer.score(prompts, responses, teacher=False)
+    gradients = []
+    for cost in (batch_cost, 1024 - batch_cost):
+        monkeypatch.setattr(pbsd, "BATCH_COST_TOKENS", cost)
+        student_logp, _, _, _ = trainer.score(prompts, responses, teacher=False)
+        (student_logp * torch.linspace(-1, 1, len(student_logp))).sum().backward()
+        gradients.append([p.grad.clone() for p in trainer.lora_params])
+        trainer.model.zero_grad()
     assert (student_logp - logp).abs().max() > 1e-3
+    for one, other in zip(*gradients):
+        assert (one - other).abs().max() <= 1e-4 * one.abs().max()
 
 
 def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path, capsys):

@@ -1444,6 +1444,17 @@ def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):
         assert M.generate(ours, prompts, 40, compile=True, **mixed) == M.generate(ours, prompts, 40, **mixed)
     # sampled: the noise is drawn inside the graph, from each row's key and the step
     assert M.generate(ours, prompts, 40, seed=3, compile=True) == M.generate(ours, prompts, 40, seed=3)
+    # the student's short prompts cut apart from the teacher's long ones: two segments, each writing its rows'
+    # own slots and attending its own window, in one graph per kind of step; storage left NaN by earlier calls
+    monkeypatch.setattr(M, "SEGMENT_MIN_SAVING", 1)
+    prompts = _prompts([4, 7], seed=3) + _prompts([70, 65], seed=4)
+    assert len(M.prompt_segments([len(p) for p in prompts], [2, 1, 1, 2], 64)) == 2
+    both = dict(num_samples=[2, 1, 1, 2], adapters=[True, True, False, False])
+    for call in (dict(temperature=0), dict(seed=[5, 6, 7, 8])):
+        for storage in M._kv_storage.values():
+            storage.fill_(float("nan"))
+        assert M.generate(ours, prompts, 40, compile=True, **both, **call) == M.generate(ours, prompts, 40, **both,
+                                                                                          **call)
 
 
 @needs_cuda

@@ -630,12 +630,17 @@ class Trainer:
             self.log(metrics)
             if self.rank == 0:
                 progress.update(self.step - first_step, self.summary_line(metrics))
-            if config.eval_every and self.step % config.eval_every == 0 and self.eval_examples:
+            evaluated = config.eval_every and self.step % config.eval_every == 0 and self.eval_examples
+            if evaluated:
                 self.evaluate()
-            if config.save_every and (self.step % config.save_every == 0 or self.step == config.steps):
+            saved = config.save_every and (self.step % config.save_every == 0 or self.step == config.steps)
+            if saved:
                 self.save_checkpoint()
+            if evaluated or saved:
+                self.plot()
         if self.step == config.steps and self.eval_examples and config.eval_every and self.step % config.eval_every:
             self.evaluate()
+        self.plot()
         if self.step == config.steps and config.export_merged and self.rank == 0:
             self.export_merged()
         return self.history
@@ -683,8 +688,11 @@ class Trainer:
             print(f"[eval] step {self.step}: student Avg@{config.eval_k} {student['avg_at_k']:.3f}, "
                   f"pass@{config.eval_k} {student['pass_at_k']:.3f}, length {student['mean_length']:.1f}",
                   file=sys.stderr)
-            plot_learning_curve(self.history, os.path.join(config.out_dir, "learning_curve.png"),
-                                os.path.join(config.out_dir, "metrics.jsonl"))
+
+    def plot(self):
+        if self.rank == 0:
+            plot_run(os.path.join(self.config.out_dir, "metrics.jsonl"),
+                     os.path.join(self.config.out_dir, "learning_curve.png"))
 
     def start_out_dir(self):
         """
@@ -812,30 +820,65 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def plot_learning_curve(history, png_path, metrics_path):
-    """Held-out Avg@k against step, with the training rewards (from metrics.jsonl) beside it."""
+# The run's plot: held-out accuracy, then every per-step diagnostic the loop logs that this run has (PBSD's
+# margins, OPSD's KL estimate, ...), each as its raw values and a 10-step running mean.
+CURVES = (("training rewards", "mean", (("student_reward", "student rollouts"), ("teacher_reward", "teacher rollouts"),
+                                        ("label", "PBSD label z"))),
+          ("loss", "loss", (("loss", "loss"),)),
+          ("PBSD margin", "m = beta (s(y+) - s(y-)), mean", (("margin", "margin"),)),
+          ("student tokens", "nats per token", (("student_entropy", "entropy"),
+                                               ("kl_estimate", "KL(student || teacher) estimate"))),
+          ("response lengths", "tokens", (("student_length", "student"), ("teacher_length", "teacher"),
+                                          ("response_length", "reference (SFT)"))),
+          ("cut at max_new_tokens", "share of rollouts", (("student_truncated", "student"),
+                                                          ("teacher_truncated", "teacher"))),
+          ("uncertainty words", "per 1K student tokens", (("uncertainty_per_1k", "wait, hmm, perhaps, ..."),)),
+          ("step time", "seconds", (("generation_seconds", "generation"), ("train_seconds", "training"))))
+
+
+def plot_run(metrics_path, png_path):
+    """Draws metrics.jsonl as png_path: a panel per curve with values, held-out accuracy first. Returns the titles."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-    train = [r for r in rows if "student_reward" in r]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot([h["step"] for h in history], [h["eval_avg_at_k"] for h in history], "o-", label="student (held out)")
-    if "teacher_avg_at_k" in history[0]:
-        left.axhline(history[0]["teacher_avg_at_k"], color="gray", ls="--", label="frozen teacher (with solution)")
-    left.set(xlabel="step", ylabel=f"Avg@{history[0]['eval_k']}", title="held-out accuracy", ylim=(0, 1.02))
-    left.legend()
-    if train:
-        smooth = lambda xs: [sum(xs[max(0, i - 9):i + 1]) / len(xs[max(0, i - 9):i + 1]) for i in range(len(xs))]
-        steps = [r["step"] for r in train]
-        right.plot(steps, smooth([r["student_reward"] for r in train]), label="student rollouts")
-        if "teacher_reward" in train[0]:
-            right.plot(steps, smooth([r["teacher_reward"] for r in train]), label="teacher rollouts")
-        right.set(xlabel="step", ylabel="reward (10-step mean)", title="training rewards", ylim=(0, 1.02))
-        right.legend()
+    evals, train = [r for r in rows if "eval_avg_at_k" in r], [r for r in rows if "loss" in r]
+    curves = [(title, ylabel, [(key, label) for key, label in lines if any(key in r for r in train)])
+              for title, ylabel, lines in CURVES]
+    curves = [curve for curve in curves if curve[2]]
+    titles = ["held-out accuracy"] * bool(evals) + [title for title, _, _ in curves]
+    if not titles:
+        return titles
+    n_panels = len(titles)
+    n_columns = min(n_panels, 3)
+    n_lines = -(-n_panels // n_columns)
+    fig, axes = plt.subplots(n_lines, n_columns, figsize=(5 * n_columns, 3.6 * n_lines), squeeze=False)
+    panels = iter(axes.flat)
+    if evals:
+        ax = next(panels)
+        ax.plot([r["step"] for r in evals], [r["eval_avg_at_k"] for r in evals], "o-", label="student (held out)")
+        teacher = [r["teacher_avg_at_k"] for r in evals if "teacher_avg_at_k" in r]
+        if teacher:
+            ax.axhline(teacher[0], color="gray", ls="--", label="frozen teacher (with solution)")
+        ax.set(xlabel="step", ylabel=f"Avg@{evals[0]['eval_k']}", title="held-out accuracy", ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+    for (title, ylabel, lines), ax in zip(curves, panels):
+        for color, (key, label) in enumerate(lines):
+            points = [(r["step"], r[key]) for r in train if key in r]
+            steps, values = zip(*points)
+            mean = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
+            ax.plot(steps, values, color=f"C{color}", alpha=0.25, lw=0.8)
+            ax.plot(steps, mean, color=f"C{color}", label=label)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+    for ax in panels:  # the grid's empty cells
+        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, png_path)
+    return titles
 
 
 def greedy_accuracy(model, tokenizer, examples, config, role="student"):

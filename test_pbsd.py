@@ -976,6 +976,13 @@ def test_one_step_of_each_objective(tiny_with_tokenizer, train_file, tmp_path, l
     if loss == "pbsd":
         for key in ("teacher_reward", "teacher_length", "label", "margin"):
             assert key in metrics[0], key
+    # the run's plot, written at the end even with no held-out set: a panel for each curve the objective logs
+    assert (tmp_path / "learning_curve.png").stat().st_size > 10_000
+    titles = pbsd.plot_run(str(tmp_path / "metrics.jsonl"), str(tmp_path / "again.png"))
+    rollout_curves = ["training rewards", "loss", "student tokens", "response lengths", "cut at max_new_tokens",
+                      "uncertainty words", "step time"]
+    assert titles == {"pbsd": rollout_curves[:2] + ["PBSD margin"] + rollout_curves[2:],
+                      "sft": ["loss", "response lengths", "step time"]}.get(loss, rollout_curves)
     for name, p in trainer.model.named_parameters():
         if "lora_" in name:
             assert not torch.equal(p, lora_before[name]), name

@@ -173,6 +173,29 @@ def bench_sampler():
                                                                          "one batch, padded together", "one batch",
                                                                          "its segments", "speed-up"], rows)
 
+    # rollouts of different lengths, as a real run's are (a few hundred tokens to the budget). Random weights never
+    # stop on their own, so the first n ids are made end-of-sequence ids: a step draws one with probability about
+    # n / V and rows stop at geometric lengths, half the budget on average. Finished rows leave the decode steps
+    # every 32 steps (qwen3.compact), or every row runs to the end, as before
+    batch, budget = (64, new_tokens) if CUDA else (32, 256)
+    prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
+    stop_ids = tuple(range(round(2 * shape["vocab_size"] / budget)))
+    run = lambda: qwen3.generate(model, prompts, budget, seed=0, eos_ids=stop_ids, compile=CUDA)
+    lengths = [len(r.tokens) for r in run()]
+    compact = qwen3.compact
+    try:
+        qwen3.compact = lambda state, caches, segment_rows, *rest: segment_rows
+        every_row = timed(run, repeats=1)
+    finally:
+        qwen3.compact = compact
+    leaving = timed(run, repeats=1)
+    print_table(f"sampler, rows that stop at different lengths: batch {batch}, LoRA r=64 on, {prompt_len} prompt "
+                f"tokens, up to {budget} new ({len(stop_ids)} stop ids); tok/s of the tokens sampled",
+                ["batch", "mean length", "cut at the budget", "every row to the end", "finished rows leave",
+                 "speed-up"],
+                [[batch, f"{sum(lengths) / batch:,.0f}", f"{sum(n == budget for n in lengths) / batch:.0%}",
+                  f"{sum(lengths) / every_row:,.0f}", f"{sum(lengths) / leaving:,.0f}", f"{every_row / leaving:.2f}x"]])
+
 
 def per_call_seconds(fn, argument_sets, repeats=20):
     """

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -565,6 +565,14 @@ def load_lora(model, path):
 WINDOW = 256
 SEGMENT_MIN_SAVING = 8192
 
+# Rows stop at different lengths (one after 300 tokens, another cut at 2K), and a finished row would still be fed,
+# attend its window and read its slots at every step. So every 32 steps (when the sampler looks at which rows are
+# done anyway) the rows still sampling move to the front of their segment, and the steps after run only those:
+# each segment keeps a multiple of COMPACT_ROWS rows (finished rows fill the rounding), so a call sees few batch
+# shapes, each recorded once as a CUDA graph. A row's noise follows its key, not its place: moving rows changes no
+# token.
+COMPACT_ROWS = 8
+
 # Sampling noise is counter-based: the Exp(1) draw for token id v at step t of a row is splitmix64 output number
 # t * V + v + 1 of the stream that the row's key seeds. A row draws the same noise whatever else shares its batch
 # (a rollout depends on its key only, not on its company or the batch size), and the draw is computed inside the
@@ -749,6 +757,42 @@ def prompt_segments(lengths, rows, multiple):
     return [(run, padded(run)) for run in runs]
 
 
+def compact(state, caches, segment_rows, row_at, done, filled):
+    """
+    Moves each segment's rows still sampling to the front of the rows in use (the first sum(segment_rows)), the
+    segments in order, followed by the rows that stop running; permutes row_at (the call's row at each place) the
+    same way. done: per place, whether its row has finished. filled: how many cache slots hold keys and values
+    (the later ones are zero in every row). Returns the segments' new row counts.
+    """
+    kept, dropped, new_rows, start = [], [], [], 0
+    for rows in segment_rows:
+        running = [row for row in range(start, start + rows) if not done[row]]
+        finished = [row for row in range(start, start + rows) if done[row]]
+        keep = min(rows, -(-len(running) // COMPACT_ROWS) * COMPACT_ROWS)
+        kept += running + finished[:keep - len(running)]
+        dropped += finished[keep - len(running):]
+        new_rows.append(keep)
+        start += rows
+    if new_rows == segment_rows:
+        return segment_rows
+    order = kept + dropped + list(range(start, len(row_at)))
+    row_at[:] = [row_at[row] for row in order]
+    order = torch.tensor(order, device=state.done.device)
+    for name, tensor in state._asdict().items():
+        if name not in ("column", "eos"):  # the per-row state, all of it: the dropped rows keep their tokens
+            tensor.copy_(tensor[order])
+    for tensor in (t for cache in caches for t in cache):  # only the kept rows' slots: no later step reads the rest
+        tensor[:len(kept), :, :filled] = tensor[order[:len(kept)], :, :filled]
+    return new_rows
+
+
+def running_rows(state, caches, n_rows):
+    """The state and the caches of the first n_rows rows, the ones the decode steps run (views, no copies)."""
+    state = DecodeState(**{name: tensor if name in ("column", "eos") else tensor[:n_rows]
+                           for name, tensor in state._asdict().items()})
+    return state, [(k[:n_rows], v[:n_rows]) for k, v in caches]
+
+
 def replay_or_record(graphs, kind, step):
     """Runs step() as the CUDA graph recorded for this kind of step, recording it the first time."""
     if kind in graphs:
@@ -860,26 +904,37 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
             step_fn = _compiled_decode_step[0]
         lora_on = any(m.enabled for _, m in lora_modules(model))
         sample_and_record(state, logits, temperature, top_k, top_p)
-        with adapters_on_rows(model, None if adapters is None else state.adapter_rows):
+        segment_rows = [first_row[run.stop] - first_row[run.start] for run, _ in segments]  # the rows each runs
+        row_at = list(range(n_rows))  # the call's row at each place of the state and the caches
+        running, running_caches = state, caches
+        with ExitStack() as rows_in_use:
+            rows_in_use.enter_context(adapters_on_rows(model, None if adapters is None else state.adapter_rows))
             for step in range(1, max_new_tokens):
-                if step % 32 == 0 and bool(state.done.all()):
-                    break
+                if step % 32 == 0:
+                    done = state.done.tolist()
+                    if all(done):
+                        break
+                    fewer = compact(state, caches, segment_rows, row_at, done, max(p for _, p in segments) + step)
+                    if fewer != segment_rows:
+                        segment_rows = fewer
+                        running, running_caches = running_rows(state, caches, sum(segment_rows))
+                        rows_in_use.enter_context(adapters_on_rows(model, None if adapters is None else
+                                                                   running.adapter_rows))
                 # in a segment padded to P, the step feeds token step-1 at slot P+step-1 and attends the slots up
                 # to it, rounded up; the last slot is never written (the last token is sampled, not fed back), so
                 # the window stays below S
-                windows = tuple((first_row[run.stop] - first_row[run.start],
-                                 min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW))
-                                for run, prompt_len in segments)
-                step_call = lambda: step_fn(model, caches, state, windows, temperature, top_k, top_p)
+                windows = tuple((rows, min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW))
+                                for (_, prompt_len), rows in zip(segments, segment_rows) if rows)
+                step_call = lambda: step_fn(model, running_caches, running, windows, temperature, top_k, top_p)
                 if use_graphs:
                     replay_or_record(graphs, (windows, temperature, top_k, top_p, lora_on, adapters is not None),
                                      step_call)
                 else:
                     step_call()
 
-    rollouts = []
+    rollouts = [None] * n_rows
     eos_set = set(eos_ids)
-    for row in state.new_tokens.tolist():
-        tokens = row[:row.index(-1)] if -1 in row else row
-        rollouts.append(Rollout(tokens, bool(tokens) and tokens[-1] in eos_set))
+    for row, new_tokens in zip(row_at, state.new_tokens.tolist()):
+        tokens = new_tokens[:new_tokens.index(-1)] if -1 in new_tokens else new_tokens
+        rollouts[row] = Rollout(tokens, bool(tokens) and tokens[-1] in eos_set)
     return rollouts

@@ -554,6 +554,54 @@ def test_short_prompts_before_long_ones_get_a_segment_of_their_own(tiny, monkeyp
     assert both(True) == alone  # compiled: prompts padded to 64 and 128
 
 
+def test_finished_rows_leave_the_decode_steps(tiny, monkeypatch):
+    """
+    Every 32 steps the rows still sampling move to the front of their segment and later steps run only those, in
+    multiples of COMPACT_ROWS: the same rollouts as a call that never compacts, eager and compiled, with both
+    roles and two segments in the call.
+    """
+    monkeypatch.setattr(M, "SEGMENT_MIN_SAVING", 1)
+    monkeypatch.setattr(M, "WINDOW", 8)
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    torch.manual_seed(1)
+    for p in M.apply_lora(ours, rank=4, alpha=64):
+        torch.nn.init.normal_(p, std=0.5)
+    prompts = _prompts([4, 7, 3], seed=3) + _prompts([70, 65], seed=4)  # 8 student rows, then 5 teacher rows
+    call = dict(seed=[5, 6, 7, 8, 9], num_samples=[3, 2, 3, 2, 3], adapters=[True, True, True, False, False],
+                eos_ids=(3, 4))
+    with monkeypatch.context() as patch:
+        patch.setattr(M, "compact", lambda state, caches, segment_rows, *rest: segment_rows)  # every row runs
+        never = M.generate(ours, prompts, 150, **call)
+    lengths = sorted(len(r.tokens) for r in never)
+    assert lengths[0] < 32 and lengths[-1] > 128 and len(set(lengths)) == len(lengths)  # rows stop all along
+
+    # which rows each step runs, from the lengths: a row of length L is done from step L on (it sampled its EOS
+    # at column L - 1), and each check keeps a segment's running rows rounded up to the multiple
+    segment_lengths = [[len(r.tokens) for r in never[:8]], [len(r.tokens) for r in never[8:]]]
+    decode_step = M.decode_step
+    step_rows = []
+
+    def recording(model, caches, state, windows, *args):
+        step_rows.append(tuple(rows for rows, _ in windows))
+        return decode_step(model, caches, state, windows, *args)
+
+    for multiple in (1, 2):
+        monkeypatch.setattr(M, "COMPACT_ROWS", multiple)
+        step_rows.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(M, "decode_step", recording)
+            assert M.generate(ours, prompts, 150, **call) == never
+        expected, rows = [], [8, 5]
+        for step in range(1, 150):
+            if step % 32 == 0:
+                rows = [min(n, -(-sum(length > step for length in lengths) // multiple) * multiple)
+                        for n, lengths in zip(rows, segment_lengths)]
+            expected.append(tuple(n for n in rows if n))
+        assert step_rows == expected
+        assert len(set(expected)) >= 4 and len(expected[-1]) == 1  # shrinking several times, a segment dropped
+    assert M.generate(ours, prompts, 150, compile=True, **call) == never
+
 # ---- kernels.py against naive float64 implementations
 
 
@@ -1462,6 +1510,13 @@ def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):
             storage.fill_(float("nan"))
         assert M.generate(ours, prompts, 40, compile=True, **both, **call) == M.generate(ours, prompts, 40, **both,
                                                                                           **call)
+    # rows that stop leave the steps every 32: graphs of fewer rows, on the same state and caches
+    monkeypatch.setattr(M, "COMPACT_ROWS", 1)
+    stopping = dict(seed=[5, 6, 7, 8], eos_ids=(3, 4), **both)
+    rollouts = M.generate(ours, prompts, 150, **stopping)
+    assert len({len(r.tokens) for r in rollouts}) > 2
+    for _ in range(2):  # recorded, then replayed
+        assert M.generate(ours, prompts, 150, compile=True, **stopping) == rollouts
 
 
 @needs_cuda

@@ -86,6 +86,7 @@ def print_table(title, header, rows):
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     for row in (header, ["-" * w for w in widths], *rows):
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+    sys.stdout.flush()  # a table survives a run cut off after it (the device's time limit)
 
 
 def bench_sampler():
@@ -513,7 +514,6 @@ def bench_train():
     print_table(f"train: one PBSD step, {len(step['student_prompts'])} prompts x (1 student + 1 teacher rollout), "
                 f"{step['new_tokens']} new tokens, micro-batches of {step['micro_batch']} prompts, "
                 f"{'Qwen3-1.7B shape' if CUDA else 'CPU shape'} on {device_name()}", ["measure", "value"], rows)
-    sys.stdout.flush()  # the table above survives a run cut off below
     time_training(False)
     print_table("train: the training part with and without gradient checkpointing (out of memory: n/a)",
                 ["gradient checkpointing", "seconds", "trained tokens/s", "MFU", "peak GiB allocated"],

@@ -636,7 +636,7 @@ class Trainer:
             saved = config.save_every and (self.step % config.save_every == 0 or self.step == config.steps)
             if saved:
                 self.save_checkpoint()
-            if evaluated or saved:
+            if (evaluated or saved) and self.step < last_step:  # the last step's plot comes after the loop
                 self.plot()
         if self.step == config.steps and self.eval_examples and config.eval_every and self.step % config.eval_every:
             self.evaluate()
@@ -874,10 +874,8 @@ def plot_run(metrics_path, png_path):
     for ax in panels:  # the grid's empty cells
         ax.axis("off")
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    qwen3.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, png_path)
     return titles
 
 

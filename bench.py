@@ -301,11 +301,11 @@ def bench_decode():
             q = torch.randn(batch, Hkv, H // Hkv, hd, device=DEVICE, dtype=dtype)
             caches = [(torch.randn(batch, Hkv, window, hd, device=DEVICE, dtype=dtype),
                        torch.randn(batch, Hkv, window, hd, device=DEVICE, dtype=dtype)) for _ in range(layers)]
-            # the sampler's mask: each row's left padding (some rows' fill a whole split), the written slots, then
-            # the unwritten rest of the window
+            # the sampler's mask: each row attends the slots up to its position, a prefix as long as its prompt and
+            # the tokens fed since (a short row leaves whole splits unattended), then the rest of the window
             slots = torch.arange(window, device=DEVICE)
-            padding = (torch.arange(batch, device=DEVICE) * 300) % (window - 128)
-            mask = ((slots >= padding[:, None]) & (slots < window - 100))[:, None, None, :]  # (B, 1, 1, W)
+            position = window - 100 - (torch.arange(batch, device=DEVICE) * 300) % (window - 128)
+            mask = (slots <= position[:, None])[:, None, None, :]  # (B, 1, 1, W)
             reference = F.scaled_dot_product_attention(q.double(), caches[0][0].double(), caches[0][1].double(),
                                                        attn_mask=mask)
             kv_megabytes = 2 * batch * Hkv * window * hd * dtype.itemsize / 1e6

@@ -139,7 +139,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def forward(self, x, cos, sin, mask, cache=None, position=None):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
@@ -147,13 +147,13 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None and T == 1:
-            # a decode step: row b writes its keys and values at its own slot cache_index[b], and the rows of each
-            # segment attend the segment's window, the first W cache slots (W = the width of its mask, which
-            # hides the unwritten and padding slots). The H/Hkv query heads that share a KV head become that head's
+            # a decode step: row b writes its keys and values at the slot of its own position (B, 1), and the rows
+            # of each segment attend the segment's window, the first W cache slots (W = the width of its mask, which
+            # hides the slots past a row's position). The H/Hkv query heads that share a KV head become that head's
             # queries, so each KV slot is read once: (B, H, 1, hd) -> (B, Hkv, H/Hkv, hd), head h = kv_head * H/Hkv
             # + g as in repeat_kv.
             k_cache, v_cache = cache  # (B, Hkv, S, hd) each, written in place
-            slot = cache_index.view(B, 1, 1, 1).expand_as(k)  # (B, Hkv, 1, hd)
+            slot = position.view(B, 1, 1, 1).expand_as(k)  # (B, Hkv, 1, hd)
             k_cache.scatter_(2, slot, k)
             v_cache.scatter_(2, slot, v)
             grouped = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
@@ -164,12 +164,12 @@ class Attention(nn.Module):
                                                          v_cache[rows, :, :window], attn_mask=segment_mask))
                 start = rows.stop
             return self.o_proj(torch.cat(ys).reshape(B, 1, self.n_head * self.head_dim))
-        if cache is not None:  # a prefill writes its keys and values at slots cache_index (T,)
+        if cache is not None:  # a prefill writes its keys and values at the slots of their positions, 0 to T-1
             k_cache, v_cache = cache
-            k_cache.index_copy_(2, cache_index, k)
-            v_cache.index_copy_(2, cache_index, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_head != self.n_kv_head)  # (B, H, T, hd)
+            k_cache[:, :, :T] = k
+            v_cache[:, :, :T] = v
+        # causal, so a right-padded batch needs no mask: padding comes after every real token of its row
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -193,8 +193,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+    def forward(self, x, cos, sin, mask, cache=None, position=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, position)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -220,30 +220,21 @@ class Qwen3(nn.Module):
     def logits(self, hidden):
         return hidden @ self.lm_head_weight.T  # (..., V)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, cache_index=None, mask=None):
+    def forward(self, input_ids, position_ids=None, caches=None, mask=None):
         """
-        input_ids (B, T) -> final-norm hidden states (B, T, D).
-        attention_mask (B, T), 1 for real tokens: for left-padded batches; positions then count real tokens only.
-        caches / cache_index / mask are the sampler's: one (k, v) cache per layer. A prefill writes at slots
-        cache_index (T,); a decode step (T = 1) writes row b at slot cache_index[b] (B, 1) and attends with mask, a
-        list of per-segment masks (see generate).
+        input_ids (B, T) -> final-norm hidden states (B, T, D), causal; rows may be right-padded.
+        caches and mask are the sampler's: one (k, v) cache per layer, where a token's keys and values sit at the
+        slot of its position. A prefill (position_ids None) writes slots 0 to T-1; a decode step (T = 1) writes
+        row b at slot position_ids[b] and attends with mask, a list of per-segment masks (see generate).
         """
         B, T = input_ids.shape
         if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if mask is None and attention_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-            # a padded query attends to itself, so no row of the mask is empty (an empty row gives NaN)
-            mask = causal & (attention_mask.bool()[:, None, None, :] | torch.eye(T, dtype=torch.bool,
-                                                                                    device=input_ids.device))
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             if caches is not None:  # the sampler's: its decode step compiles whole
-                x = layer(x, cos, sin, mask, caches[i], cache_index)
+                x = layer(x, cos, sin, mask, caches[i], position_ids)
             elif self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(self.run_block, layer, x, cos, sin, mask, use_reentrant=False)
             else:
@@ -548,19 +539,22 @@ def load_lora(model, path):
     return model
 
 
-# The sampler. Prompts are left-padded so that every row's next token sits in the same column; each row keeps
-# its own positions (counting its real tokens only), so a prompt gives the same tokens in a batch as alone. The KV
-# cache is preallocated for prompt + new tokens. A decode step reads every weight and the cache slots it attends;
-# to not read the unwritten tail of the cache, it attends a window of the first W slots, W rounded up to WINDOW,
-# so a step has one of a few shapes (each compiled graph and CUDA graph serves many steps).
+# The sampler. The KV cache is preallocated for prompt + new tokens, and a token's keys and values sit at the slot
+# of its position, so each row is laid out as if it ran alone and a prompt gives the same tokens in a batch as
+# alone. Prompts are right-padded: the prefill is causal with no mask (padding comes after a row's real tokens, so
+# attention runs its fused kernel, in memory linear in the prompt length) and every row then writes its own next
+# slot. A decode step reads every weight and the cache slots it attends; to not read the unwritten tail of the
+# cache, it attends a window of the first W slots, W rounded up to WINDOW, masking the slots past each row's
+# position, so a step has one of a few shapes (each compiled graph and CUDA graph serves many steps).
 #
 # The loop's calls put short prompts before long ones: the student's, then the teacher's, which carry a reference
-# solution. Padded to the teacher's length, a student row would read that much padding from the cache at every
-# step; at batch 64 with 2K-token windows the cache, not the weights, is most of what a step reads. So a call is
-# cut into at most two segments of consecutive prompts, each padded to its own longest prompt and attending its
-# own window. A second segment costs every layer a second attention launch, about 10 us on an H100 (the 753cb6d
-# profile: 14 us a layer at batch 1), what reading one layer's keys and values costs at 8K slots (4 KB a slot at
-# Qwen3's 8 KV heads of 128 in bf16, at 3.35 TB/s): hence the cut only where it saves that many row-slots.
+# solution. In one window sized for the teacher's prompts, a student row would read as many slots of padding from
+# the cache at every step; at batch 64 with 2K-token windows the cache, not the weights, is most of what a step
+# reads. So a call is cut into at most two segments of consecutive prompts, each padded to its own longest prompt
+# and attending its own window. A second segment costs every layer a second attention launch, about 10 us on an
+# H100 (the 753cb6d profile: 14 us a layer at batch 1), what reading one layer's keys and values costs at 8K slots
+# (4 KB a slot at Qwen3's 8 KV heads of 128 in bf16, at 3.35 TB/s): hence the cut only where it saves that many
+# row-slots.
 
 WINDOW = 256
 SEGMENT_MIN_SAVING = 8192
@@ -642,10 +636,8 @@ class DecodeState(NamedTuple):
     recorded.
     """
     token: torch.Tensor  # (B, 1) the last sampled token, fed to the next step
-    position: torch.Tensor  # (B, 1) its position (real tokens before it)
-    slot: torch.Tensor  # (B, 1) the cache slot its keys and values go to (its segment's padded prompt + step)
+    position: torch.Tensor  # (B, 1) its position, the tokens before it; also the cache slot its keys and values take
     column: torch.Tensor  # (1,) the column of new_tokens the next sampled token goes to
-    attended: torch.Tensor  # (B, S) the slots a row attends: its prompt's real tokens, then each token fed since
     row_key: torch.Tensor  # (B,) int64, each row's sampling noise key
     eos: torch.Tensor  # (E,) the ids that stop a row
     new_tokens: torch.Tensor  # (B, N) the sampled tokens, -1 after a row's EOS
@@ -672,14 +664,13 @@ def decode_step(model, caches, state, windows, temperature, top_k, top_p):
     the caches and the state, so it can be recorded once as a CUDA graph and replayed. windows: per segment, its
     number of rows and how many cache slots they attend.
     """
-    state.attended.scatter_(1, state.slot, True)
     masks, start = [], 0
-    for rows, window in windows:
-        masks.append(state.attended[start:start + rows, None, None, :window])  # (rows, 1, 1, W)
+    for rows, window in windows:  # a row attends the slots up to its position: its prompt, then each token fed
+        slots = torch.arange(window, device=state.position.device)
+        masks.append((slots <= state.position[start:start + rows])[:, None, None, :])  # (rows, 1, 1, W)
         start += rows
-    hidden = model(state.token, position_ids=state.position, caches=caches, cache_index=state.slot, mask=masks)
+    hidden = model(state.token, position_ids=state.position, caches=caches, mask=masks)
     sample_and_record(state, model.logits(hidden[:, -1]).float(), temperature, top_k, top_p)
-    state.slot.add_(1)
     state.position.add_(1)
 
 
@@ -716,13 +707,11 @@ def kv_caches(config, n_rows, n_slots, dtype, device):
     return [(per_layer[i, 0], per_layer[i, 1]) for i in range(config.num_hidden_layers)]
 
 
-def decode_state(model, n_rows, n_slots, max_new_tokens, eos_ids, device):
+def decode_state(model, n_rows, max_new_tokens, eos_ids, device):
     return DecodeState(
         token=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
         position=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
-        slot=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
         column=torch.zeros(1, dtype=torch.long, device=device),
-        attended=torch.zeros(n_rows, n_slots, dtype=torch.bool, device=device),
         row_key=torch.zeros(n_rows, dtype=torch.long, device=device),
         eos=torch.tensor(list(eos_ids), dtype=torch.long, device=device),
         new_tokens=torch.empty(n_rows, max_new_tokens, dtype=torch.long, device=device),
@@ -737,7 +726,7 @@ def recorded_decoder(model, n_rows, n_slots, max_new_tokens, eos_ids, device):
     per_model = _decoders.setdefault(model, {})
     key = (weights, n_rows, n_slots, max_new_tokens, tuple(eos_ids))
     if key not in per_model:
-        per_model[key] = (decode_state(model, n_rows, n_slots, max_new_tokens, eos_ids, device), {})
+        per_model[key] = (decode_state(model, n_rows, max_new_tokens, eos_ids, device), {})
     return per_model[key]
 
 
@@ -859,34 +848,29 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         if use_graphs:
             state, graphs = recorded_decoder(model, n_rows, n_slots, max_new_tokens, eos_ids, device)
         else:  # nothing replays on its addresses, so nothing is kept: the eager path sees a new shape every call
-            state = decode_state(model, n_rows, n_slots, max_new_tokens, eos_ids, device)
-        state.attended.zero_()
+            state = decode_state(model, n_rows, max_new_tokens, eos_ids, device)
         logits = []
         for run, prompt_len in segments:
             n_run = run.stop - run.start
             input_ids = torch.zeros(n_run, prompt_len, dtype=torch.long)
-            attention_mask = torch.zeros(n_run, prompt_len, dtype=torch.bool)
             for i, prompt in enumerate(prompts[run]):
-                input_ids[i, prompt_len - len(prompt):] = torch.tensor(prompt)
-                attention_mask[i, prompt_len - len(prompt):] = True
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                input_ids[i, :len(prompt)] = torch.tensor(prompt)
             # the prefill writes the segment's prompts' keys and values into its first rows, then every sample's
             # row gets a copy of its prompt's (the indexed right-hand side is a copy, so rows may overlap)
             rows = slice(first_row[run.start], first_row[run.stop])
             prompt_rows = [(k[rows.start:rows.start + n_run, :, :prompt_len],
                             v[rows.start:rows.start + n_run, :, :prompt_len]) for k, v in caches]
             with adapters_on_rows(model, None if adapters is None else prompt_adapters[run]):
-                hidden = model(input_ids, attention_mask=attention_mask, caches=prompt_rows,
-                               cache_index=torch.arange(prompt_len, device=device))
-            logits.append(model.logits(hidden[:, -1]).float())  # (prompts, V)
+                hidden = model(input_ids.to(device), caches=prompt_rows)  # (prompts, P, D)
+            last = torch.tensor([len(p) - 1 for p in prompts[run]], device=device)
+            logits.append(model.logits(hidden[torch.arange(n_run, device=device), last]).float())  # (prompts, V)
             row_prompt_in_run = row_prompt[rows] - run.start
             for tensor in (t for cache in caches for t in cache):
                 tensor[rows, :, :prompt_len] = tensor[rows.start:rows.start + n_run, :, :prompt_len][row_prompt_in_run]
-                # the slots after the prompt start at zero, so what an earlier call left there cannot reach this
-                # one (they are masked, but 0 * NaN is NaN)
+                # the slots after the padded prompts start at zero, so what an earlier call left there cannot reach
+                # this one (they are masked, but 0 * NaN is NaN); a short prompt's padding slots hold the finite keys
+                # and values of padding tokens until its own tokens overwrite them
                 tensor[rows, :, prompt_len:].zero_()
-            state.attended[rows, :prompt_len] = attention_mask[row_prompt_in_run]
-            state.slot[rows] = prompt_len
         logits = torch.cat(logits)[row_prompt]  # (B, V)
         state.position.copy_(torch.tensor([len(p) for p in prompts], device=device)[row_prompt, None])
         state.column.zero_()
@@ -920,9 +904,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
                         running, running_caches = running_rows(state, caches, sum(segment_rows))
                         rows_in_use.enter_context(adapters_on_rows(model, None if adapters is None else
                                                                    running.adapter_rows))
-                # in a segment padded to P, the step feeds token step-1 at slot P+step-1 and attends the slots up
-                # to it, rounded up; the last slot is never written (the last token is sampled, not fed back), so
-                # the window stays below S
+                # in a segment padded to P, the step feeds token step-1 at slot len(prompt)+step-1 <= P+step-1 and
+                # attends the slots up to it: the window is P+step, rounded up; the last slot is never written (the
+                # last token is sampled, not fed back), so the window stays below S
                 windows = tuple((rows, min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW))
                                 for (_, prompt_len), rows in zip(segments, segment_rows) if rows)
                 step_call = lambda: step_fn(model, running_caches, running, windows, temperature, top_k, top_p)

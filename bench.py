@@ -165,7 +165,7 @@ def bench_sampler():
                 qwen3.SEGMENT_MIN_SAVING = saving
 
         segments = len(qwen3.prompt_segments([prompt_len] * batch + [prompt_len + solution_len] * batch,
-                                             [1] * 2 * batch, 64 if CUDA else 1))
+                                             [1] * 2 * batch))
         separate, padded, together = (timed(fn, repeats=2) for fn in (two_calls, one_segment, one_batch))
         rows.append([batch, f"{2 * batch * new_tokens / separate:,.0f}", f"{2 * batch * new_tokens / padded:,.0f}",
                      f"{2 * batch * new_tokens / together:,.0f}", segments, f"{separate / together:.2f}x"])

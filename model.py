@@ -686,25 +686,31 @@ class Rollout(tuple):
 
 
 _compiled_decode_step = []
-_kv_storage = {}  # (device, dtype) -> one flat buffer that every call's caches are views of
+# (device, dtype, layers, KV heads, head dim) -> the caches of every call: (layers, 2, rows, Hkv, slots, hd)
+_kv_storage = {}
 # model -> {(weights, call shape): (DecodeState, {step kind: CUDA graph})}; dropped with the model
 _decoders = weakref.WeakKeyDictionary()
 
 
 def kv_caches(config, n_rows, n_slots, dtype, device):
     """
-    One (k, v) pair per layer, each (n_rows, Hkv, n_slots, hd), carved from storage that outlives the call, so a
-    call of a shape seen before gets the same addresses and its recorded CUDA graphs still apply. When the storage
-    has to grow, every recorded graph points at freed memory and is dropped.
+    One (k, v) pair per layer, each (n_rows, Hkv, S, hd) with S >= n_slots: the first rows of storage that outlives
+    the call and only grows, to the most rows and slots any call has needed. So every call with this many rows
+    finds each layer's cache at the same address with the same strides, whatever its prompts' lengths (in a
+    training run they change at every step), and the CUDA graphs recorded for that many rows still apply. When the
+    storage has to grow, every recorded graph points at freed memory and is dropped.
     """
-    shape = (n_rows, config.num_key_value_heads, n_slots, config.head_dim)
-    numel = 2 * config.num_hidden_layers * math.prod(shape)
-    storage = _kv_storage.get((device, dtype))
-    if storage is None or storage.numel() < numel:
+    layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    key = (device, dtype, layers, kv_heads, head_dim)
+    storage = _kv_storage.pop(key, None)
+    rows, slots = (n_rows, n_slots) if storage is None else (max(n_rows, storage.shape[2]),
+                                                             max(n_slots, storage.shape[4]))
+    if storage is None or (rows, slots) != (storage.shape[2], storage.shape[4]):
         _decoders.clear()
-        storage = _kv_storage[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
-    per_layer = storage[:numel].view(config.num_hidden_layers, 2, *shape)
-    return [(per_layer[i, 0], per_layer[i, 1]) for i in range(config.num_hidden_layers)]
+        del storage  # freed before the larger one is allocated
+        storage = torch.empty(layers, 2, rows, kv_heads, slots, head_dim, dtype=dtype, device=device)
+    _kv_storage[key] = storage
+    return [(storage[i, 0, :n_rows], storage[i, 1, :n_rows]) for i in range(layers)]
 
 
 def decode_state(model, n_rows, max_new_tokens, eos_ids, device):
@@ -719,25 +725,27 @@ def decode_state(model, n_rows, max_new_tokens, eos_ids, device):
         adapter_rows=torch.ones(n_rows, 1, 1, dtype=model.embed_tokens.weight.dtype, device=device))
 
 
-def recorded_decoder(model, n_rows, n_slots, max_new_tokens, eos_ids, device):
-    """The DecodeState and the CUDA graphs recorded on it, for this model, these weights and this call shape."""
+def recorded_decoder(model, n_rows, max_new_tokens, eos_ids, device):
+    """
+    The DecodeState and the CUDA graphs recorded on it, for this model, these weights and this call shape: rows,
+    new tokens and stop ids (the caches of a number of rows do not move, see kv_caches).
+    """
     # apply_lora and merge_lora change the weights; the adapters' sampling copies are buffers
     weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
     per_model = _decoders.setdefault(model, {})
-    key = (weights, n_rows, n_slots, max_new_tokens, tuple(eos_ids))
+    key = (weights, n_rows, max_new_tokens, tuple(eos_ids))
     if key not in per_model:
         per_model[key] = (decode_state(model, n_rows, max_new_tokens, eos_ids, device), {})
     return per_model[key]
 
 
-def prompt_segments(lengths, rows, multiple):
+def prompt_segments(lengths, rows):
     """
-    Cuts the prompts, in order, into at most two segments, each padded to its longest prompt rounded up to a
-    multiple of `multiple`: the cut that pads the fewest row-slots, where it saves SEGMENT_MIN_SAVING or more.
-    lengths and rows: per prompt, its tokens and its sample rows. Returns (slice of prompts, padded length) per
-    segment.
+    Cuts the prompts, in order, into at most two segments, each padded to its longest prompt: the cut that pads
+    the fewest row-slots, where it saves SEGMENT_MIN_SAVING or more. lengths and rows: per prompt, its tokens and
+    its sample rows. Returns (slice of prompts, padded length) per segment.
     """
-    padded = lambda run: -(-max(lengths[run]) // multiple) * multiple
+    padded = lambda run: max(lengths[run])
     row_slots = lambda runs: sum(sum(rows[run]) * padded(run) for run in runs)  # what the prompts take in the cache
     n = len(lengths)
     whole = [slice(0, n)]
@@ -824,9 +832,11 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         raise ValueError(f"generate: adapters needs one bool per prompt ({n_prompts}), got {len(adapters)}")
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
-    # compiled, every call shape has graphs of its own: prompt lengths round up, so a run sees few shapes
-    segments = prompt_segments([len(p) for p in prompts], samples, 64 if compile else 1)
-    n_rows, n_slots = sum(samples), max(padded for _, padded in segments) + max_new_tokens
+    segments = prompt_segments([len(p) for p in prompts], samples)
+    n_rows = sum(samples)
+    # the slots a row can write, rounded up to a whole window: every window a step attends is a multiple of WINDOW,
+    # so the CUDA graphs of a number of rows serve calls of any prompt lengths
+    n_slots = -(-(max(padded for _, padded in segments) + max_new_tokens) // WINDOW) * WINDOW
     first_row = list(itertools.accumulate(samples, initial=0))  # prompt p's samples: rows first_row[p] to p + 1's
     row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
     if seed is None:
@@ -846,7 +856,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         caches = kv_caches(config, n_rows, n_slots, dtype, device)
         use_graphs = compile and device.type == "cuda"
         if use_graphs:
-            state, graphs = recorded_decoder(model, n_rows, n_slots, max_new_tokens, eos_ids, device)
+            state, graphs = recorded_decoder(model, n_rows, max_new_tokens, eos_ids, device)
         else:  # nothing replays on its addresses, so nothing is kept: the eager path sees a new shape every call
             state = decode_state(model, n_rows, max_new_tokens, eos_ids, device)
         logits = []
@@ -870,7 +880,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
                 # the slots after the padded prompts start at zero, so what an earlier call left there cannot reach
                 # this one (they are masked, but 0 * NaN is NaN); a short prompt's padding slots hold the finite keys
                 # and values of padding tokens until its own tokens overwrite them
-                tensor[rows, :, prompt_len:].zero_()
+                tensor[rows, :, prompt_len:n_slots].zero_()
         logits = torch.cat(logits)[row_prompt]  # (B, V)
         state.position.copy_(torch.tensor([len(p) for p in prompts], device=device)[row_prompt, None])
         state.column.zero_()
@@ -905,9 +915,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
                         rows_in_use.enter_context(adapters_on_rows(model, None if adapters is None else
                                                                    running.adapter_rows))
                 # in a segment padded to P, the step feeds token step-1 at slot len(prompt)+step-1 <= P+step-1 and
-                # attends the slots up to it: the window is P+step, rounded up; the last slot is never written (the
-                # last token is sampled, not fed back), so the window stays below S
-                windows = tuple((rows, min(n_slots - 1, -(-(prompt_len + step) // WINDOW) * WINDOW))
+                # attends the slots up to it: the window is P+step rounded up, at most n_slots
+                windows = tuple((rows, -(-(prompt_len + step) // WINDOW) * WINDOW)
                                 for (_, prompt_len), rows in zip(segments, segment_rows) if rows)
                 step_call = lambda: step_fn(model, running_caches, running, windows, temperature, top_k, top_p)
                 if use_graphs:

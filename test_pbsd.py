@@ -250,9 +250,17 @@ def test_sampler_ignores_what_earlier_calls_left_in_the_cache(tiny):
     ours = M.load_qwen3(path, dtype=torch.float32)
     prompts = _prompts([4, 8])
     expected = [r.tokens for r in M.generate(ours, prompts, 10, temperature=0)]
-    cache = M.kv_caches(ours.config, 2, 18, torch.float32, torch.device("cpu"))
-    again = M.kv_caches(ours.config, 2, 18, torch.float32, torch.device("cpu"))
-    assert cache[0][0].data_ptr() == again[0][0].data_ptr()  # a repeated shape reuses memory
+    caches = lambda rows, slots: M.kv_caches(ours.config, rows, slots, torch.float32, torch.device("cpu"))
+    M._kv_storage.clear()
+    cache = caches(2, 18)
+    # a call of fewer rows or slots finds every layer's cache where the last one was, with the same strides (what
+    # lets CUDA graphs serve calls of other prompt lengths); a call of more makes the storage grow
+    for again in (caches(2, 18), caches(2, 9), caches(1, 18)):
+        assert [t.data_ptr() for pair in again for t in pair] == [t.data_ptr() for pair in cache for t in pair]
+        assert again[-1][1].stride() == cache[-1][1].stride() and again[0][0].shape[2] == 18
+    grown = caches(3, 30)
+    assert grown[0][0].shape == (3, TINY["num_key_value_heads"], 30, TINY["head_dim"])
+    assert caches(2, 18)[0][0].shape[2] == 30
     for storage in M._kv_storage.values():
         storage.fill_(float("nan"))
     assert [r.tokens for r in M.generate(ours, prompts, 10, temperature=0)] == expected
@@ -386,7 +394,7 @@ def test_seed_reproducible_and_eos_handling(tiny):
 
 def test_compiled_sampler_equals_eager_and_compiles_once(tiny, monkeypatch):
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(M, "WINDOW", 8)  # windows of 72, 80 and all 84 slots, and two batch sizes: one graph
+    monkeypatch.setattr(M, "WINDOW", 8)  # windows of 16 to 56 slots, and two batch sizes: one graph
     path, _ = tiny
     ours = M.load_qwen3(path, dtype=torch.float32)
     torch._dynamo.reset()
@@ -509,13 +517,13 @@ def test_short_prompts_before_long_ones_get_a_segment_of_their_own(tiny, monkeyp
     """
     monkeypatch.setattr(M, "SEGMENT_MIN_SAVING", 8192)
     # 12 rows of about 100 tokens and 4 of about 1,000: padded apart, 11,760 fewer row-slots
-    assert M.prompt_segments([100, 120, 90, 1000, 1100], [4, 4, 4, 2, 2], 1) == [(slice(0, 3), 120),
+    assert M.prompt_segments([100, 120, 90, 1000, 1100], [4, 4, 4, 2, 2]) == [(slice(0, 3), 120),
                                                                                 (slice(3, 5), 1100)]
-    assert M.prompt_segments([100, 120, 90, 1000, 1100], [2, 2, 2, 1, 1], 1) == [(slice(0, 5), 1100)]  # 5,880
-    assert M.prompt_segments([500, 520, 510], [8, 8, 8], 1) == [(slice(0, 3), 520)]
-    assert M.prompt_segments([7], [3], 64) == [(slice(0, 1), 64)]
+    assert M.prompt_segments([100, 120, 90, 1000, 1100], [2, 2, 2, 1, 1]) == [(slice(0, 5), 1100)]  # 5,880
+    assert M.prompt_segments([500, 520, 510], [8, 8, 8]) == [(slice(0, 3), 520)]
+    assert M.prompt_segments([7], [3]) == [(slice(0, 1), 7)]
     monkeypatch.setattr(M, "SEGMENT_MIN_SAVING", 1)  # the tiny model's prompts save little, but they exercise it
-    assert M.prompt_segments([4, 7, 70, 65], [2, 1, 1, 2], 64) == [(slice(0, 2), 64), (slice(2, 4), 128)]
+    assert M.prompt_segments([4, 7, 70, 65], [2, 1, 1, 2]) == [(slice(0, 2), 7), (slice(2, 4), 70)]
 
     monkeypatch.setattr(M, "WINDOW", 8)
     path, _ = tiny
@@ -548,7 +556,7 @@ def test_short_prompts_before_long_ones_get_a_segment_of_their_own(tiny, monkeyp
     # rounded up to 72; a layer never reads the teacher's window for a student row
     assert decode_reads[:2] == [(3, 8), (3, 72)]
     assert {rows for rows, _ in decode_reads} == {3}
-    assert both(True) == alone  # compiled: prompts padded to 64 and 128
+    assert both(True) == alone
 
 
 def test_finished_rows_leave_the_decode_steps(tiny, monkeypatch):
@@ -1475,10 +1483,12 @@ def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):
     monkeypatch.setattr(M, "WINDOW", 8)  # the attended window grows while CUDA graphs replay
     path, _ = tiny
     ours = M.load_qwen3(path, device="cuda", dtype=torch.float32)
-    for lengths in ([5, 9, 2], [3, 30, 12, 7], [3, 30, 12, 7], [11]):  # new shapes, a repeat (fresh caches), batch 1
-        prompts = _prompts(lengths, seed=len(lengths))
+    # new shapes, a repeat (fresh caches), batch 1, and 4 rows again with other prompt lengths
+    for lengths in ([5, 9, 2], [3, 30, 12, 7], [3, 30, 12, 7], [11], [20, 6, 9, 14]):
+        prompts = _prompts(lengths, seed=sum(lengths))
         assert M.generate(ours, prompts, 40, temperature=0, compile=True) == M.generate(ours, prompts, 40,
                                                                                         temperature=0)
+    assert len(M._decoders[ours]) == 2  # the graphs of 4 rows serve both calls of 4 (3 rows': dropped as it grew)
     # the student and the teacher get graphs of their own, and a replayed graph reads the LoRA weights as they are
     # now (the optimizer updates them in place between calls)
     lora = M.apply_lora(ours, rank=4, alpha=64)
@@ -1500,7 +1510,7 @@ def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):
     # own slots and attending its own window, in one graph per kind of step; storage left NaN by earlier calls
     monkeypatch.setattr(M, "SEGMENT_MIN_SAVING", 1)
     prompts = _prompts([4, 7], seed=3) + _prompts([70, 65], seed=4)
-    assert len(M.prompt_segments([len(p) for p in prompts], [2, 1, 1, 2], 64)) == 2
+    assert len(M.prompt_segments([len(p) for p in prompts], [2, 1, 1, 2])) == 2
     both = dict(num_samples=[2, 1, 1, 2], adapters=[True, True, False, False])
     for call in (dict(temperature=0), dict(seed=[5, 6, 7, 8])):
         for storage in M._kv_storage.values():

@@ -24,7 +24,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -564,7 +564,11 @@ class Trainer:
             lengths = [len(self.references[i]) for _, i in batch]
             terms = sum(lengths)
         else:
-            rollouts, rewards = self.sample(step, batch, stats)
+            advice = (f"sample fewer prompts per call with --rollout_batch_size (now "
+                      f"{min(config.rollout_batch_size or len(batch), len(batch))} of this rank's {len(batch)}), or "
+                      f"fewer --max_new_tokens")
+            with self.out_of_memory_advice(f"step {step + 1}, sampling", advice):
+                rollouts, rewards = self.sample(step, batch, stats)
             lengths = [max(len(r.tokens) for per_prompt in rollouts.values() for r in per_prompt[k])
                        for k in range(len(batch))]
             terms = (len(batch) * config.n_teacher * config.n_student if config.loss == "pbsd" else
@@ -575,12 +579,25 @@ class Trainer:
         # normalized loss does not depend on the grouping
         order = sorted(range(len(batch)), key=lambda k: lengths[k])
         loss = 0.0
-        for first in range(0, len(batch), config.micro_batch_size):
-            micro = order[first:first + config.micro_batch_size]
-            pick = lambda per_role: {role: [x for k in micro for x in per_prompt[k]]
-                                     for role, per_prompt in per_role.items()}
-            loss += self.micro_step([batch[k][1] for k in micro], pick(rollouts), pick(rewards), normalizer, stats)
+        advice = (f"lower --micro_batch_size (now {config.micro_batch_size})"
+                  + ", or turn --gradient_checkpointing on" * (not config.gradient_checkpointing))
+        with self.out_of_memory_advice(f"step {step + 1}, training", advice):
+            for first in range(0, len(batch), config.micro_batch_size):
+                micro = order[first:first + config.micro_batch_size]
+                pick = lambda per_role: {role: [x for k in micro for x in per_prompt[k]]
+                                         for role, per_prompt in per_role.items()}
+                loss += self.micro_step([batch[k][1] for k in micro], pick(rollouts), pick(rewards), normalizer,
+                                        stats)
         return loss
+
+    @contextmanager
+    def out_of_memory_advice(self, where, advice):
+        """A GPU out-of-memory error inside becomes a TrainingError that says where, what to lower, and what is kept."""
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            raise TrainingError(f"{where}: out of GPU memory ({str(e).splitlines()[0]}); {advice}. The last good "
+                                f"checkpoint is {self.latest_checkpoint()}") from None
 
     # -- the optimizer step, with gradients averaged over ranks
 
@@ -625,6 +642,9 @@ class Trainer:
             metrics["loss"] = loss
             self.step += 1
             metrics.update(step=self.step, lr=self.schedule.get_last_lr()[0], grad_norm=grad_norm)
+            if self.device.type == "cuda":  # what sets --rollout_batch_size and --micro_batch_size
+                metrics["peak_memory_gb"] = self.all_max(torch.cuda.max_memory_allocated(self.device) / 1e9)
+                torch.cuda.reset_peak_memory_stats(self.device)
             if "rollout_tokens" in metrics:
                 metrics["rollout_tokens_per_second"] = metrics["rollout_tokens"] / max(metrics["generation_seconds"], 1e-9)
             self.log(metrics)
@@ -655,6 +675,8 @@ class Trainer:
             parts.append(f"len {m['student_length']:.0f}")
         if "generation_seconds" in m:
             parts.append(f"gen {m['generation_seconds']:.1f}s train {m['train_seconds']:.1f}s")
+        if "peak_memory_gb" in m:
+            parts.append(f"mem {m['peak_memory_gb']:.1f}GB")
         return " ".join(parts)
 
     def all_mean(self, value):
@@ -663,6 +685,13 @@ class Trainer:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.item() / self.world
+
+    def all_max(self, value):
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.item()
 
     # -- evaluation, logging
 
@@ -673,11 +702,14 @@ class Trainer:
                       batch_size=config.micro_batch_size * config.eval_k, thinking=config.thinking,
                       seed=config.seed + 12345, compile=config.compile, show_progress=False)
         self.model.eval()
-        student = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
-                                                   template=config.student_template or None, **kwargs)
+        advice = (f"lower --micro_batch_size (an evaluation call samples it x --eval_k = {kwargs['batch_size']} rows) "
+                  f"or --eval_max_new_tokens")
+        with self.out_of_memory_advice(f"evaluation at step {self.step}", advice):
+            student = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
+                                                       template=config.student_template or None, **kwargs)
         result = {"step": self.step, **{f"eval_{k}": v for k, v in student.items() if k != "per_problem"}}
         if not self.history and all(e.solution for e in self.eval_examples):  # the frozen teacher, once
-            with qwen3.adapters_off(self.model):
+            with qwen3.adapters_off(self.model), self.out_of_memory_advice(f"evaluation at step {self.step}", advice):
                 teacher = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
                                                            role="teacher", template=config.teacher_template or None,
                                                            **kwargs)
@@ -833,7 +865,8 @@ CURVES = (("training rewards", "mean", (("student_reward", "student rollouts"), 
           ("cut at max_new_tokens", "share of rollouts", (("student_truncated", "student"),
                                                           ("teacher_truncated", "teacher"))),
           ("uncertainty words", "per 1K student tokens", (("uncertainty_per_1k", "wait, hmm, perhaps, ..."),)),
-          ("step time", "seconds", (("generation_seconds", "generation"), ("train_seconds", "training"))))
+          ("step time", "seconds", (("generation_seconds", "generation"), ("train_seconds", "training"))),
+          ("GPU memory", "GB, the step's peak on the fullest rank", (("peak_memory_gb", "allocated"),)))
 
 
 def plot_run(metrics_path, png_path):

@@ -1296,6 +1296,34 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_with_tokenizer
     assert all(torch.equal(good[n], p) for n, p in reloaded.named_parameters() if "lora_" in n)
 
 
+def test_out_of_memory_says_what_to_lower(tiny_with_tokenizer, train_file, tmp_path, monkeypatch):
+    path, _ = tiny_with_tokenizer
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, steps=3, save_every=1, batch_size=4,
+                                         rollout_batch_size=3, gradient_checkpointing=False))
+    trainer.train(until_step=1)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\nmore")
+
+    kept = "The last good checkpoint is .*step_000001$"
+    for module, name, message in [
+            (M, "generate", r"^step 2, sampling: out of GPU memory \(CUDA out of memory. Tried to allocate 20.00 GiB "
+                            r"\(GPU 0; 79.1 GiB total\)\); sample fewer prompts per call with --rollout_batch_size "
+                            r"\(now 3 of this rank's 4\), or fewer --max_new_tokens. "),
+            (pbsd.kernels, "pbsd_loss", r"^step 2, training: out of GPU memory \(.*\); lower --micro_batch_size "
+                                        r"\(now 2\), or turn --gradient_checkpointing on. ")]:
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, out_of_memory)
+            with pytest.raises(pbsd.TrainingError, match=message + kept):
+                trainer.train()
+    with monkeypatch.context() as patch:
+        patch.setattr(pbsd.evaluation, "evaluate_across_ranks", out_of_memory)
+        with pytest.raises(pbsd.TrainingError, match=r"^evaluation at step 1: out of GPU memory \(.*\); lower "
+                                                     r"--micro_batch_size \(an evaluation call samples it x --eval_k "
+                                                     r"= 24 rows\) or --eval_max_new_tokens. " + kept):
+            trainer.evaluate()
+
+
 DDP_SCRIPT = """
 import json, os, sys, torch
 sys.path.insert(0, {repo!r})
@@ -1559,6 +1587,7 @@ def test_cuda_compiled_training_steps(tiny_with_tokenizer, train_file, tmp_path)
     trainer.train()
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(0 < m["peak_memory_gb"] < torch.cuda.get_device_properties(0).total_memory / 1e9 for m in metrics)
     assert all(not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if "lora_" in n)
 
 

@@ -686,31 +686,39 @@ class Rollout(tuple):
 
 
 _compiled_decode_step = []
-# (device, dtype, layers, KV heads, head dim) -> the caches of every call: (layers, 2, rows, Hkv, slots, hd)
+# (device, dtype, layers, KV heads, head dim) -> one flat buffer that every call's caches are views of
 _kv_storage = {}
-# model -> {(weights, call shape): (DecodeState, {step kind: CUDA graph})}; dropped with the model
+# (that key, rows) -> the slots each row of a call of that many rows is laid out with: the most such a call needed
+_kv_row_slots = {}
+# model -> {(weights, rows, new tokens, stop ids): (DecodeState, {step kind: CUDA graph})}; dropped with the model
 _decoders = weakref.WeakKeyDictionary()
 
 
 def kv_caches(config, n_rows, n_slots, dtype, device):
     """
-    One (k, v) pair per layer, each (n_rows, Hkv, S, hd) with S >= n_slots: the first rows of storage that outlives
-    the call and only grows, to the most rows and slots any call has needed. So every call with this many rows
-    finds each layer's cache at the same address with the same strides, whatever its prompts' lengths (in a
-    training run they change at every step), and the CUDA graphs recorded for that many rows still apply. When the
-    storage has to grow, every recorded graph points at freed memory and is dropped.
+    One (k, v) pair per layer, each (n_rows, Hkv, S, hd), carved from one buffer that outlives the call. S is the
+    most slots a call of n_rows rows has needed so far, so every call of that many rows finds each layer's cache at
+    the same address with the same strides, whatever its prompts' lengths (in a training run they change at every
+    step), and the CUDA graphs recorded for n_rows rows still apply. The buffer holds the largest such layout, no
+    more. When S grows, the graphs of n_rows rows read another layout and are dropped; when the buffer grows, every
+    graph points at freed memory and all are dropped.
     """
     layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     key = (device, dtype, layers, kv_heads, head_dim)
+    if n_slots > _kv_row_slots.get((key, n_rows), 0):
+        _kv_row_slots[(key, n_rows)] = n_slots
+        for per_model in _decoders.values():
+            for shape in [shape for shape in per_model if shape[1] == n_rows]:
+                del per_model[shape]
+    shape = (layers, 2, n_rows, kv_heads, _kv_row_slots[(key, n_rows)], head_dim)
     storage = _kv_storage.pop(key, None)
-    rows, slots = (n_rows, n_slots) if storage is None else (max(n_rows, storage.shape[2]),
-                                                             max(n_slots, storage.shape[4]))
-    if storage is None or (rows, slots) != (storage.shape[2], storage.shape[4]):
+    if storage is None or storage.numel() < math.prod(shape):
         _decoders.clear()
         del storage  # freed before the larger one is allocated
-        storage = torch.empty(layers, 2, rows, kv_heads, slots, head_dim, dtype=dtype, device=device)
+        storage = torch.empty(math.prod(shape), dtype=dtype, device=device)
     _kv_storage[key] = storage
-    return [(storage[i, 0, :n_rows], storage[i, 1, :n_rows]) for i in range(layers)]
+    per_layer = storage[:math.prod(shape)].view(shape)
+    return [(per_layer[i, 0], per_layer[i, 1]) for i in range(layers)]
 
 
 def decode_state(model, n_rows, max_new_tokens, eos_ids, device):

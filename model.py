@@ -817,6 +817,39 @@ def replay_or_record(graphs, kind, step):
         step()
 
 
+def prefill(model, prompts, samples, segments, caches, n_slots, prompt_adapters):
+    """
+    Runs each segment's prompts once, right-padded to its longest, writing their keys and values into the first rows
+    of the segment, then gives the rows of each prompt's samples a copy of them. samples: per prompt, its rows.
+    prompt_adapters: None, or per prompt 1 (adapters on) or 0 (off), (prompts, 1, 1). Returns the logits of each
+    prompt's first new token (prompts, V) fp32.
+    """
+    device = caches[0][0].device
+    first_row = list(itertools.accumulate(samples, initial=0))  # prompt p's samples: rows first_row[p] to p + 1's
+    logits = []
+    for run, prompt_len in segments:
+        n_run = run.stop - run.start
+        input_ids = torch.zeros(n_run, prompt_len, dtype=torch.long)
+        for i, prompt in enumerate(prompts[run]):
+            input_ids[i, :len(prompt)] = torch.tensor(prompt)
+        rows = slice(first_row[run.start], first_row[run.stop])
+        prompt_rows = [(k[rows.start:rows.start + n_run, :, :prompt_len],
+                        v[rows.start:rows.start + n_run, :, :prompt_len]) for k, v in caches]
+        with adapters_on_rows(model, None if prompt_adapters is None else prompt_adapters[run]):
+            hidden = model(input_ids.to(device), caches=prompt_rows)  # (prompts, P, D)
+        last = torch.tensor([len(p) - 1 for p in prompts[run]], device=device)
+        logits.append(model.logits(hidden[torch.arange(n_run, device=device), last]).float())  # (prompts, V)
+        row_prompt = torch.repeat_interleave(torch.arange(n_run), torch.tensor(samples[run])).to(device)
+        for tensor in (t for cache in caches for t in cache):
+            # the indexed right-hand side is a copy, so a prompt's rows may overlap the rows it was prefilled in
+            tensor[rows, :, :prompt_len] = tensor[rows.start:rows.start + n_run, :, :prompt_len][row_prompt]
+            # the slots after the padded prompts start at zero, so what an earlier call left there cannot reach this
+            # one (they are masked, but 0 * NaN is NaN); a short prompt's padding slots hold the finite keys and
+            # values of padding tokens until its own tokens overwrite them
+            tensor[rows, :, prompt_len:n_slots].zero_()
+    return torch.cat(logits)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(), seed=None,
              num_samples=1, adapters=None, compile=False):
@@ -845,7 +878,6 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     # the slots a row can write, rounded up to a whole window: every window a step attends is a multiple of WINDOW,
     # so the CUDA graphs of a number of rows serve calls of any prompt lengths
     n_slots = -(-(max(padded for _, padded in segments) + max_new_tokens) // WINDOW) * WINDOW
-    first_row = list(itertools.accumulate(samples, initial=0))  # prompt p's samples: rows first_row[p] to p + 1's
     row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
     if seed is None:
         seed = int(torch.randint(2**62, ()))
@@ -867,29 +899,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
             state, graphs = recorded_decoder(model, n_rows, max_new_tokens, eos_ids, device)
         else:  # nothing replays on its addresses, so nothing is kept: the eager path sees a new shape every call
             state = decode_state(model, n_rows, max_new_tokens, eos_ids, device)
-        logits = []
-        for run, prompt_len in segments:
-            n_run = run.stop - run.start
-            input_ids = torch.zeros(n_run, prompt_len, dtype=torch.long)
-            for i, prompt in enumerate(prompts[run]):
-                input_ids[i, :len(prompt)] = torch.tensor(prompt)
-            # the prefill writes the segment's prompts' keys and values into its first rows, then every sample's
-            # row gets a copy of its prompt's (the indexed right-hand side is a copy, so rows may overlap)
-            rows = slice(first_row[run.start], first_row[run.stop])
-            prompt_rows = [(k[rows.start:rows.start + n_run, :, :prompt_len],
-                            v[rows.start:rows.start + n_run, :, :prompt_len]) for k, v in caches]
-            with adapters_on_rows(model, None if adapters is None else prompt_adapters[run]):
-                hidden = model(input_ids.to(device), caches=prompt_rows)  # (prompts, P, D)
-            last = torch.tensor([len(p) - 1 for p in prompts[run]], device=device)
-            logits.append(model.logits(hidden[torch.arange(n_run, device=device), last]).float())  # (prompts, V)
-            row_prompt_in_run = row_prompt[rows] - run.start
-            for tensor in (t for cache in caches for t in cache):
-                tensor[rows, :, :prompt_len] = tensor[rows.start:rows.start + n_run, :, :prompt_len][row_prompt_in_run]
-                # the slots after the padded prompts start at zero, so what an earlier call left there cannot reach
-                # this one (they are masked, but 0 * NaN is NaN); a short prompt's padding slots hold the finite keys
-                # and values of padding tokens until its own tokens overwrite them
-                tensor[rows, :, prompt_len:n_slots].zero_()
-        logits = torch.cat(logits)[row_prompt]  # (B, V)
+        logits = prefill(model, prompts, samples, segments, caches, n_slots, prompt_adapters)[row_prompt]  # (B, V)
         state.position.copy_(torch.tensor([len(p) for p in prompts], device=device)[row_prompt, None])
         state.column.zero_()
         state.new_tokens.fill_(-1)
@@ -906,7 +916,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
             step_fn = _compiled_decode_step[0]
         lora_on = any(m.enabled for _, m in lora_modules(model))
         sample_and_record(state, logits, temperature, top_k, top_p)
-        segment_rows = [first_row[run.stop] - first_row[run.start] for run, _ in segments]  # the rows each runs
+        segment_rows = [sum(samples[run]) for run, _ in segments]  # the rows each runs
         row_at = list(range(n_rows))  # the call's row at each place of the state and the caches
         running, running_caches = state, caches
         with ExitStack() as rows_in_use:

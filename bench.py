@@ -197,6 +197,25 @@ def bench_sampler():
                 [[batch, f"{sum(lengths) / batch:,.0f}", f"{sum(n == budget for n in lengths) / batch:.0%}",
                   f"{sum(lengths) / every_row:,.0f}", f"{sum(lengths) / leaving:,.0f}", f"{every_row / leaving:.2f}x"]])
 
+    # the prefill of long prompts, as a teacher's with a reference solution: causal with no mask, so attention runs a
+    # fused kernel whose memory grows with the prompt, not its square. One new token, so the call is the prefill;
+    # its KV cache allocated afresh, so the peak counts the cache and the activations
+    rows = []
+    for n_prompts, length in ((64, 1024), (32, 4096), (8, 8192)) if CUDA else ((4, 512), (2, 2048)):
+        prompts = torch.randint(0, shape["vocab_size"], (n_prompts, length)).tolist()
+        run = lambda: qwen3.generate(model, prompts, 1, seed=0)
+        qwen3._kv_storage.clear()
+        qwen3._kv_row_slots.clear()
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() if CUDA else 0
+        seconds = timed(run, repeats=2)
+        peak_gb = (torch.cuda.max_memory_allocated() - start) / 1e9 if CUDA else float("nan")
+        rows.append([n_prompts, length, f"{n_prompts * length / seconds:,.0f}",
+                     f"{n_prompts * length * kv_bytes_per_token / 1e9:,.2f}", fmt(peak_gb, ",.2f")])
+    print_table(f"sampler, prefill of long prompts (LoRA r=64 on; one new token): tokens/s and the call's peak memory",
+                ["prompts", "tokens each", "prompt tok/s", "their keys and values GB", "peak GB"], rows)
+
 
 def per_call_seconds(fn, argument_sets, repeats=20):
     """

@@ -643,7 +643,8 @@ class Trainer:
             self.step += 1
             metrics.update(step=self.step, lr=self.schedule.get_last_lr()[0], grad_norm=grad_norm)
             if self.device.type == "cuda":  # what sets --rollout_batch_size and --micro_batch_size
-                metrics["peak_memory_gb"] = self.all_max(torch.cuda.max_memory_allocated(self.device) / 1e9)
+                metrics["peak_memory_gb"] = self.all_reduce(torch.cuda.max_memory_allocated(self.device) / 1e9,
+                                                             dist.ReduceOp.MAX)
                 torch.cuda.reset_peak_memory_stats(self.device)
             if "rollout_tokens" in metrics:
                 metrics["rollout_tokens_per_second"] = metrics["rollout_tokens"] / max(metrics["generation_seconds"], 1e-9)
@@ -680,17 +681,13 @@ class Trainer:
         return " ".join(parts)
 
     def all_mean(self, value):
-        if self.world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.item() / self.world
+        return self.all_reduce(value, dist.ReduceOp.SUM) / self.world
 
-    def all_max(self, value):
+    def all_reduce(self, value, op):
         if self.world == 1:
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=op)
         return tensor.item()
 
     # -- evaluation, logging

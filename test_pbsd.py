@@ -521,7 +521,7 @@ def test_short_prompts_before_long_ones_get_a_segment_of_their_own(tiny, monkeyp
     monkeypatch.setattr(M, "SEGMENT_MIN_SAVING", 8192)
     # 12 rows of about 100 tokens and 4 of about 1,000: padded apart, 11,760 fewer row-slots
     assert M.prompt_segments([100, 120, 90, 1000, 1100], [4, 4, 4, 2, 2]) == [(slice(0, 3), 120),
-                                                                                (slice(3, 5), 1100)]
+                                                                             (slice(3, 5), 1100)]
     assert M.prompt_segments([100, 120, 90, 1000, 1100], [2, 2, 2, 1, 1]) == [(slice(0, 5), 1100)]  # 5,880
     assert M.prompt_segments([500, 520, 510], [8, 8, 8]) == [(slice(0, 3), 520)]
     assert M.prompt_segments([7], [3]) == [(slice(0, 1), 7)]

@@ -645,6 +645,9 @@ class DecodeState(NamedTuple):
     adapter_rows: torch.Tensor  # (B, 1, 1) 1 on the rows sampled with the LoRA adapters on, 0 with them off
 
 
+CALL_WIDE = ("column", "eos")  # the DecodeState fields that are not per row
+
+
 def sample_and_record(state, logits, temperature, top_k, top_p):
     """
     logits (B, V) fp32 -> every row's next token, drawn with the row's own noise for this column, written into
@@ -711,13 +714,14 @@ def kv_caches(config, n_rows, n_slots, dtype, device):
             for shape in [shape for shape in per_model if shape[1] == n_rows]:
                 del per_model[shape]
     shape = (layers, 2, n_rows, kv_heads, _kv_row_slots[(key, n_rows)], head_dim)
+    numel = math.prod(shape)
     storage = _kv_storage.pop(key, None)
-    if storage is None or storage.numel() < math.prod(shape):
+    if storage is None or storage.numel() < numel:
         _decoders.clear()
         del storage  # freed before the larger one is allocated
-        storage = torch.empty(math.prod(shape), dtype=dtype, device=device)
+        storage = torch.empty(numel, dtype=dtype, device=device)
     _kv_storage[key] = storage
-    per_layer = storage[:math.prod(shape)].view(shape)
+    per_layer = storage[:numel].view(shape)
     return [(per_layer[i, 0], per_layer[i, 1]) for i in range(layers)]
 
 
@@ -784,7 +788,7 @@ def compact(state, caches, segment_rows, row_at, done, filled):
     row_at[:] = [row_at[row] for row in order]
     order = torch.tensor(order, device=state.done.device)
     for name, tensor in state._asdict().items():
-        if name not in ("column", "eos"):  # the per-row state, all of it: the dropped rows keep their tokens
+        if name not in CALL_WIDE:  # the per-row state, all of it: the dropped rows keep their tokens
             tensor.copy_(tensor[order])
     for tensor in (t for cache in caches for t in cache):  # only the kept rows' slots: no later step reads the rest
         tensor[:len(kept), :, :filled] = tensor[order[:len(kept)], :, :filled]
@@ -793,7 +797,7 @@ def compact(state, caches, segment_rows, row_at, done, filled):
 
 def running_rows(state, caches, n_rows):
     """The state and the caches of the first n_rows rows, the ones the decode steps run (views, no copies)."""
-    state = DecodeState(**{name: tensor if name in ("column", "eos") else tensor[:n_rows]
+    state = DecodeState(**{name: tensor if name in CALL_WIDE else tensor[:n_rows]
                            for name, tensor in state._asdict().items()})
     return state, [(k[:n_rows], v[:n_rows]) for k, v in caches]
 
@@ -877,7 +881,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     n_rows = sum(samples)
     # the slots a row can write, rounded up to a whole window: every window a step attends is a multiple of WINDOW,
     # so the CUDA graphs of a number of rows serve calls of any prompt lengths
-    n_slots = -(-(max(padded for _, padded in segments) + max_new_tokens) // WINDOW) * WINDOW
+    longest = max(padded for _, padded in segments)
+    n_slots = -(-(longest + max_new_tokens) // WINDOW) * WINDOW
     row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
     if seed is None:
         seed = int(torch.randint(2**62, ()))
@@ -926,7 +931,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
                     done = state.done.tolist()
                     if all(done):
                         break
-                    fewer = compact(state, caches, segment_rows, row_at, done, max(p for _, p in segments) + step)
+                    fewer = compact(state, caches, segment_rows, row_at, done, longest + step)
                     if fewer != segment_rows:
                         segment_rows = fewer
                         running, running_caches = running_rows(state, caches, sum(segment_rows))

@@ -704,13 +704,13 @@ class Trainer:
         with self.out_of_memory_advice(f"evaluation at step {self.step}", advice):
             student = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
                                                        template=config.student_template or None, **kwargs)
-        result = {"step": self.step, **{f"eval_{k}": v for k, v in student.items() if k != "per_problem"}}
-        if not self.history and all(e.solution for e in self.eval_examples):  # the frozen teacher, once
-            with qwen3.adapters_off(self.model), self.out_of_memory_advice(f"evaluation at step {self.step}", advice):
-                teacher = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
-                                                           role="teacher", template=config.teacher_template or None,
-                                                           **kwargs)
-            result.update({f"teacher_{k}": v for k, v in teacher.items() if k != "per_problem"})
+            result = {"step": self.step, **{f"eval_{k}": v for k, v in student.items() if k != "per_problem"}}
+            if not self.history and all(e.solution for e in self.eval_examples):  # the frozen teacher, once
+                with qwen3.adapters_off(self.model):
+                    teacher = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
+                                                               role="teacher",
+                                                               template=config.teacher_template or None, **kwargs)
+                result.update({f"teacher_{k}": v for k, v in teacher.items() if k != "per_problem"})
         self.history.append(result)
         self.log(result)
         if self.rank == 0:

@@ -21,11 +21,13 @@ compile_kernels = True  # False runs the same chunk math eagerly (tests, debuggi
 
 
 def _maybe_compiled(fn):
-    compiled = torch.compile(fn, dynamic=False)
+    # compiled at the first compiled call, not at import: torch.compile loads the compiler, seconds of start-up
+    # for every process that never uses it (eval.py, a CPU run, each test's subprocess)
+    compiled = functools.cache(lambda: torch.compile(fn, dynamic=False))
 
     @functools.wraps(fn)
     def run(*args):
-        return (compiled if compile_kernels else fn)(*args)
+        return (compiled() if compile_kernels else fn)(*args)
     return run
 
 

@@ -25,6 +25,8 @@ torch.set_num_threads(2)
 K.compile_kernels = False  # eager everywhere but the one test that compiles
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+# torch's compiler, loaded by the first test that compiles (kernels compile lazily), still uses this in its modules
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

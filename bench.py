@@ -1,6 +1,7 @@
 """
 Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a CPU, a scaled-down shape.
 
+    python bench.py gpu         # the one call a lent GPU makes: sampler and training figures, profiles, CUDA tests
     python bench.py sampler     # new tokens/s and GB/s of the KV-cache sampler, against transformers' generate
     python bench.py kernels     # peak memory and time of the chunked loss kernels against full-logits versions
     python bench.py train       # one PBSD step: rollout tokens/s, trained tokens/s, MFU, generation vs training
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 
 import torch
@@ -41,8 +43,8 @@ QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, nu
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
 CPU_SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
-H100_BF16_TFLOPS = 989.0  # dense bf16, SXM
-H100_TB_PER_S = 3.35  # HBM3, SXM
+# the datasheets' memory bandwidth (TB/s) and dense bf16 rate (TFLOP/s) of the GPUs this project is lent (SXM)
+DATASHEETS = {"NVIDIA H100 80GB HBM3": (3.35, 989.0), "NVIDIA H200": (4.8, 989.0)}
 
 
 def synchronize():
@@ -89,22 +91,32 @@ def print_table(title, header, rows):
     sys.stdout.flush()  # a table survives a run cut off after it (the device's time limit)
 
 
-def bench_sampler():
-    shape = QWEN3_1_7B if CUDA else CPU_SHAPE
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    prompt_len, new_tokens = (256, 2048) if CUDA else (64, 64)
-    batches = (1, 16, 64, 128) if CUDA else (1, 8)
-    # transformers' generate spends ~0.1 s a step on a GPU host; it runs the first 256 new tokens only, which
-    # flatters it (a step costs more as the cache grows), so the speed-up is a lower bound
-    hf_new_tokens = min(new_tokens, 256)
-    model = random_model(shape, dtype)
-    config = model.config
+SAMPLER_PROMPT, SAMPLER_NEW = (256, 2048) if CUDA else (64, 64)  # prompt and new tokens a row
+SAMPLER_BATCHES = (1, 16, 64, 128) if CUDA else (1, 8)
+
+
+def sampler_model():
+    return random_model(QWEN3_1_7B if CUDA else CPU_SHAPE, torch.bfloat16 if CUDA else torch.float32)
+
+
+def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf_new_tokens=256):
+    """
+    New tokens/s of the sampler (the model as it is) at each batch, GB/s and the share of the roofline it reaches,
+    and transformers' generate at hf_batches over the first hf_new_tokens. transformers spends ~0.1 s a step on a
+    GPU host and a step costs it more as its cache grows, so timing its first tokens only flatters it: the
+    speed-up is a lower bound.
+    """
+    config, dtype = model.config, model.embed_tokens.weight.dtype
+    prompt_len, new_tokens = SAMPLER_PROMPT, SAMPLER_NEW
+    hf_new_tokens = min(new_tokens, hf_new_tokens)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    tb_per_s = datasheet()[0]
     hf = None
     try:
         import transformers
-        hf_config = transformers.Qwen3Config(**shape, max_position_embeddings=prompt_len + new_tokens)
+        shape = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        hf_config = transformers.Qwen3Config(**{**shape, "max_position_embeddings": prompt_len + new_tokens})
         with torch.device(DEVICE):
             hf = transformers.Qwen3ForCausalLM(hf_config).to(dtype).eval()
         hf.load_state_dict(qwen3.hf_tensors(model), strict=False)  # tied: no lm_head.weight, HF ties it
@@ -112,17 +124,16 @@ def bench_sampler():
         pass
     rows = []
     for batch in batches:
-        prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
+        prompts = torch.randint(0, config.vocab_size, (batch, prompt_len)).tolist()
         run = lambda: qwen3.generate(model, prompts, new_tokens, temperature=1.0, seed=0, compile=CUDA)
-        seconds = timed(run, repeats=2)
+        seconds = timed(run, repeats=2 if batch <= 16 else 1)
         tokens_per_second = batch * new_tokens / seconds
         # the least a decode step must read: every weight once and the keys/values written so far (the prompt
         # and, on average, half the new tokens)
         bytes_per_step = weight_bytes + batch * (prompt_len + new_tokens / 2) * kv_bytes_per_token
         gb_per_second = bytes_per_step * new_tokens / seconds / 1e9
-        roofline = gb_per_second / (H100_TB_PER_S * 1e3) if CUDA else float("nan")
         hf_tokens_per_second = float("nan")
-        if hf is not None:
+        if hf is not None and batch in hf_batches:
             ids = torch.tensor(prompts, device=DEVICE)
             hf_run = lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                            min_new_tokens=n, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
@@ -130,24 +141,31 @@ def bench_sampler():
             hf_run(8)
             hf_tokens_per_second = batch * hf_new_tokens / timed(lambda: hf_run(hf_new_tokens), repeats=1,
                                                                  warmup=False)
-        rows.append([batch, f"{tokens_per_second:,.0f}", f"{gb_per_second:,.0f}", fmt(100 * roofline, ".0f", "%"),
-                     fmt(hf_tokens_per_second, ",.0f"), fmt(tokens_per_second / hf_tokens_per_second, ".1f", "x")])
-        print(f"[bench sampler] batch {batch}: {tokens_per_second:,.0f} tok/s, {rows[-1][3]} of roofline, "
-              f"transformers {rows[-1][4]} tok/s", file=sys.stderr, flush=True)
+        rows.append([batch, f"{tokens_per_second:,.0f}", f"{1e3 * seconds / new_tokens:.2f}", f"{gb_per_second:,.0f}",
+                     fmt(100 * gb_per_second / (tb_per_s * 1e3), ".0f", "%"), fmt(hf_tokens_per_second, ",.0f"),
+                     fmt(tokens_per_second / hf_tokens_per_second, ".1f", "x")])
+        print(f"[bench sampler] batch {batch}: {tokens_per_second:,.0f} tok/s, {rows[-1][4]} of roofline, "
+              f"transformers {rows[-1][5]} tok/s", file=sys.stderr, flush=True)
+    del hf
     print_table(f"sampler: {'Qwen3-1.7B shape, bf16' if CUDA else 'CPU shape, fp32'} on {device_name()}, "
                 f"{prompt_len} prompt + {new_tokens} new tokens (transformers: the first {hf_new_tokens}); "
-                f"GB/s of the weights + written KV read per step",
-                ["batch", "new tok/s", "GB/s", "of H100 roofline", "transformers tok/s", "speed-up"], rows)
+                f"GB/s of the weights + written KV read per step, against {fmt(tb_per_s, '.2f', ' TB/s')} (datasheet)",
+                ["batch", "new tok/s", "ms a step", "GB/s", "of roofline", "transformers tok/s", "speed-up"], rows)
 
-    # a PBSD step samples the student (LoRA on) and the teacher (LoRA off, whose prompt adds a reference solution):
-    # as two calls, or as one batch that switches the adapters per row, its student rows padded apart from the
-    # teacher's where that saves SEGMENT_MIN_SAVING row-slots (qwen3.prompt_segments), or padded with them
-    qwen3.apply_lora(model)
+
+def sampler_both_roles(model, batches=SAMPLER_BATCHES[:2]):
+    """
+    A PBSD step samples the student (LoRA on) and the teacher (LoRA off, whose prompt adds a reference solution):
+    as two calls, or as one batch that switches the adapters per row, its student rows padded apart from the
+    teacher's where that saves SEGMENT_MIN_SAVING row-slots (qwen3.prompt_segments), or padded with them.
+    The model has LoRA applied.
+    """
+    prompt_len, new_tokens, vocab = SAMPLER_PROMPT, SAMPLER_NEW, model.config.vocab_size
     solution_len = 1024
     rows = []
-    for batch in batches[:2]:
-        student = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
-        teacher = torch.randint(0, shape["vocab_size"], (batch, prompt_len + solution_len)).tolist()
+    for batch in batches:
+        student = torch.randint(0, vocab, (batch, prompt_len)).tolist()
+        teacher = torch.randint(0, vocab, (batch, prompt_len + solution_len)).tolist()
 
         def two_calls():
             qwen3.generate(model, student, new_tokens, seed=0, compile=CUDA)
@@ -174,13 +192,17 @@ def bench_sampler():
                                                                          "one batch, padded together", "one batch",
                                                                          "its segments", "speed-up"], rows)
 
-    # rollouts of different lengths, as a real run's are (a few hundred tokens to the budget). Random weights never
-    # stop on their own, so the first n ids are made end-of-sequence ids: a step draws one with probability about
-    # n / V and rows stop at geometric lengths, half the budget on average. Finished rows leave the decode steps
-    # every 32 steps (qwen3.compact), or every row runs to the end, as before
-    batch, budget = (64, new_tokens) if CUDA else (32, 256)
-    prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
-    stop_ids = tuple(range(round(2 * shape["vocab_size"] / budget)))
+
+def sampler_stopping_rows(model):
+    """
+    Rollouts of different lengths, as a real run's are (a few hundred tokens to the budget). Random weights never
+    stop on their own, so the first n ids are made end-of-sequence ids: a step draws one with probability about
+    n / V and rows stop at geometric lengths, half the budget on average. Finished rows leave the decode steps
+    every 32 steps (qwen3.compact), or every row runs to the end, as before.
+    """
+    batch, budget = (64, SAMPLER_NEW) if CUDA else (32, 256)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, SAMPLER_PROMPT)).tolist()
+    stop_ids = tuple(range(round(2 * model.config.vocab_size / budget)))
     run = lambda: qwen3.generate(model, prompts, budget, seed=0, eos_ids=stop_ids, compile=CUDA)
     lengths = [len(r.tokens) for r in run()]
     compact = qwen3.compact
@@ -190,19 +212,25 @@ def bench_sampler():
     finally:
         qwen3.compact = compact
     leaving = timed(run, repeats=1)
-    print_table(f"sampler, rows that stop at different lengths: batch {batch}, LoRA r=64 on, {prompt_len} prompt "
+    print_table(f"sampler, rows that stop at different lengths: batch {batch}, LoRA r=64 on, {SAMPLER_PROMPT} prompt "
                 f"tokens, up to {budget} new ({len(stop_ids)} stop ids); tok/s of the tokens sampled",
                 ["batch", "mean length", "cut at the budget", "every row to the end", "finished rows leave",
                  "speed-up"],
                 [[batch, f"{sum(lengths) / batch:,.0f}", f"{sum(n == budget for n in lengths) / batch:.0%}",
                   f"{sum(lengths) / every_row:,.0f}", f"{sum(lengths) / leaving:,.0f}", f"{every_row / leaving:.2f}x"]])
 
-    # the prefill of long prompts, as a teacher's with a reference solution: causal with no mask, so attention runs a
-    # fused kernel whose memory grows with the prompt, not its square. One new token, so the call is the prefill;
-    # its KV cache allocated afresh, so the peak counts the cache and the activations
+
+def sampler_prefill(model):
+    """
+    The prefill of long prompts, as a teacher's with a reference solution: causal with no mask, so attention runs a
+    fused kernel whose memory grows with the prompt, not its square. One new token, so the call is the prefill;
+    its KV cache allocated afresh, so the peak counts the cache and the activations.
+    """
+    config, dtype = model.config, model.embed_tokens.weight.dtype
+    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
     rows = []
     for n_prompts, length in ((64, 1024), (32, 4096), (8, 8192)) if CUDA else ((4, 512), (2, 2048)):
-        prompts = torch.randint(0, shape["vocab_size"], (n_prompts, length)).tolist()
+        prompts = torch.randint(0, config.vocab_size, (n_prompts, length)).tolist()
         run = lambda: qwen3.generate(model, prompts, 1, seed=0)
         qwen3._kv_storage.clear()
         qwen3._kv_row_slots.clear()
@@ -215,6 +243,21 @@ def bench_sampler():
                      f"{n_prompts * length * kv_bytes_per_token / 1e9:,.2f}", fmt(peak_gb, ",.2f")])
     print_table(f"sampler, prefill of long prompts (LoRA r=64 on; one new token): tokens/s and the call's peak memory",
                 ["prompts", "tokens each", "prompt tok/s", "their keys and values GB", "peak GB"], rows)
+
+
+def with_lora(model):
+    """The model with LoRA r=64 on all seven projections, applied once."""
+    if not qwen3.lora_modules(model):
+        qwen3.apply_lora(model)
+    return model
+
+
+def bench_sampler():
+    model = sampler_model()
+    sampler_speed(model)
+    sampler_both_roles(with_lora(model))
+    sampler_stopping_rows(model)
+    sampler_prefill(model)
 
 
 def per_call_seconds(fn, argument_sets, repeats=20):
@@ -491,7 +534,7 @@ def pbsd_step():
 def bench_train():
     """
     One PBSD step: the generation and the scoring/backward, timed apart; the training part with and without
-    gradient checkpointing, whose recomputation is work the model FLOPs do not count.
+    gradient checkpointing, whose recomputation is work the model FLOPs do not count. Returns the step (pbsd_step).
     """
     step = pbsd_step()
     model = step["model"]
@@ -509,7 +552,7 @@ def bench_train():
     # backward to the activations 2 per weight and token (the frozen weights need no gradient), the teacher's
     # forward 2; the head only where a response token is predicted. Recomputation is not model work.
     model_flops = (4 * student_tokens + 2 * teacher_tokens) * body + 6 * new * head
-    mfu = lambda s: model_flops / s / (H100_BF16_TFLOPS * 1e12) if CUDA else float("nan")
+    mfu = lambda s: model_flops / s / (datasheet()[1] * 1e12)
     seconds, peak = {}, {}
 
     def time_training(checkpointing):
@@ -527,7 +570,8 @@ def bench_train():
             [f"rollout tokens/s (a call per micro-batch of {step['micro_batch']})",
              f"{new_per_micro_batch / per_micro_batch_seconds:,.0f}"],
             ["trained tokens/s", f"{student_tokens / training_seconds:,.0f}"],
-            ["training MFU (H100 bf16 dense)", fmt(100 * mfu(training_seconds), ".1f", "%")],
+            [f"training MFU (of {fmt(datasheet()[1], ',.0f')} bf16 TFLOP/s, datasheet)",
+             fmt(100 * mfu(training_seconds), ".1f", "%")],
             ["time in generation", f"{100 * generation_seconds / (generation_seconds + training_seconds):.0f}%"],
             ["step seconds (generation + training)", f"{generation_seconds + training_seconds:.2f}"]]
     print_table(f"train: one PBSD step, {len(step['student_prompts'])} prompts x (1 student + 1 teacher rollout), "
@@ -538,43 +582,128 @@ def bench_train():
                 ["gradient checkpointing", "seconds", "trained tokens/s", "MFU", "peak GiB allocated"],
                 [["on" if c else "off", fmt(seconds[c], ".2f"), fmt(student_tokens / seconds[c], ",.0f"),
                   fmt(100 * mfu(seconds[c]), ".1f", "%"), fmt(peak[c], ".1f")] for c in (True, False)])
+    return step
 
 
-def bench_profile(out_dir="out/bench_profile", top=20):
+PROFILE_DIR = "out/bench_profile"
+
+
+def profile_report(name, run, per, unit, top=20):
     """
-    Where the time goes in the sampler's decode steps at batch 1 and in bench_train's training step: the kernels
-    (ops, on a CPU) that take the most time, and a Chrome trace of each (open it in Perfetto).
+    The kernels (ops, on a CPU) that take the most time in run(), after a warm-up run that keeps compilation and
+    CUDA graph recording out of the profile, per `per` units; and a Chrome trace in PROFILE_DIR (open it in Perfetto).
     """
     from torch.profiler import ProfilerActivity, profile
-    os.makedirs(out_dir, exist_ok=True)
-    activity = ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU
+    os.makedirs(PROFILE_DIR, exist_ok=True)
+    run()
+    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
+        run()
+        synchronize()
+    events = [(e.self_device_time_total if CUDA else e.self_cpu_time_total, e.count, e.key)
+              for e in prof.key_averages()]
+    events = sorted((e for e in events if e[0] > 0), reverse=True)
+    total = sum(us for us, _, _ in events)
+    rows = [[key[:90], f"{count / per:,.1f}", f"{us / per:,.1f}", f"{100 * us / total:.1f}%"]
+            for us, count, key in events[:top]]
+    rows.append(["(all)", f"{sum(c for _, c, _ in events) / per:,.1f}", f"{total / per:,.1f}", "100%"])
+    print_table(f"profile: {name} on {device_name()}, {'GPU kernels' if CUDA else 'CPU ops'} by self time "
+                f"per {unit}", ["kernel" if CUDA else "op", f"calls per {unit}", f"us per {unit}", "share"], rows)
+    trace = os.path.join(PROFILE_DIR, name.split(",")[0].replace(" ", "_") + ".json")
+    prof.export_chrome_trace(trace)
+    print(f"trace: {trace}")
 
-    def report(name, run, per, unit):
-        run()  # warm-up: compilation and CUDA graph recording stay out of the profile
-        with profile(activities=[activity]) as prof:
-            run()
-            synchronize()
-        events = [(e.self_device_time_total if CUDA else e.self_cpu_time_total, e.count, e.key)
-                  for e in prof.key_averages()]
-        events = sorted((e for e in events if e[0] > 0), reverse=True)
-        total = sum(us for us, _, _ in events)
-        rows = [[key[:90], f"{count / per:,.1f}", f"{us / per:,.1f}", f"{100 * us / total:.1f}%"]
-                for us, count, key in events[:top]]
-        rows.append(["(all)", f"{sum(c for _, c, _ in events) / per:,.1f}", f"{total / per:,.1f}", "100%"])
-        print_table(f"profile: {name} on {device_name()}, {'GPU kernels' if CUDA else 'CPU ops'} by self time "
-                    f"per {unit}", ["kernel" if CUDA else "op", f"calls per {unit}", f"us per {unit}", "share"], rows)
-        trace = os.path.join(out_dir, name.split(",")[0].replace(" ", "_") + ".json")
-        prof.export_chrome_trace(trace)
-        print(f"trace: {trace}")
 
+def profile_decode(model):
     steps = 256 if CUDA else 32
-    model = random_model(QWEN3_1_7B if CUDA else CPU_SHAPE, torch.bfloat16 if CUDA else torch.float32)
-    prompt = torch.randint(0, model.config.vocab_size, (1, 256 if CUDA else 64)).tolist()
-    report(f"sampler decode, batch 1, {steps} new tokens",
-           lambda: qwen3.generate(model, prompt, steps, seed=0, compile=CUDA), steps, "token")
+    prompt = torch.randint(0, model.config.vocab_size, (1, SAMPLER_PROMPT)).tolist()
+    profile_report(f"sampler decode, batch 1, {steps} new tokens",
+                   lambda: qwen3.generate(model, prompt, steps, seed=0, compile=CUDA), steps, "token")
+
+
+def profile_training(step):
+    profile_report("training step, as bench.py train", step["training"], 1, "step")
+
+
+def bench_profile():
+    """Where the time goes in the sampler's decode steps at batch 1 and in bench_train's training step."""
+    model = sampler_model()
+    profile_decode(model)
     del model
-    step = pbsd_step()
-    report("training step, as bench.py train", step["training"], 1, "step")
+    profile_training(pbsd_step())
+
+
+# A lent GPU has 15 minutes in all, its start-up and every call included, and each first compilation takes
+# minutes there: `bench.py gpu` is one call that fits, the figures of the open goals first
+GPU_SECONDS = 540
+
+
+def cuda_tests(seconds):
+    """test_pbsd.py's tests of the compiled and CUDA-graph paths (-k cuda), their output inline, cut off after seconds."""
+    command = [sys.executable, "-m", "pytest", os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_pbsd.py"),
+               "-q", "-k", "cuda", "-p", "no:cacheprovider"]
+    print(f"\ntests: {' '.join(command[1:])}", flush=True)
+    try:
+        exit_code = subprocess.run(command, timeout=seconds).returncode
+    except subprocess.TimeoutExpired:
+        print(f"tests: cut off after {seconds:.0f} s", flush=True)
+        return
+    if exit_code:
+        raise RuntimeError(f"the CUDA tests failed (pytest exit code {exit_code})")
+
+
+def bench_ceilings():
+    """What this device moves and multiplies, measured, beside its datasheet: a copy and a square matmul."""
+    n, dtype = (2**30, torch.bfloat16) if CUDA else (2**25, torch.float32)  # 2 GiB on a GPU, 128 MiB on a CPU
+    source = torch.empty(n, device=DEVICE, dtype=dtype)
+    copy_seconds = timed(lambda: torch.empty_like(source).copy_(source), repeats=5)
+    del source
+    side = 8192 if CUDA else 1024
+    a, b = (torch.randn(side, side, device=DEVICE, dtype=dtype) for _ in range(2))
+    matmul_seconds = timed(lambda: a @ b, repeats=5)
+    tb_per_s, tflops = datasheet()
+    print_table(f"ceilings of {device_name()}, measured (best of 5) and by datasheet",
+                ["measure", "measured", "datasheet"],
+                [[f"copy of {n * dtype.itemsize / 2**30:.2f} GiB, GB/s read + written",
+                  f"{2 * n * dtype.itemsize / copy_seconds / 1e9:,.0f}", fmt(1e3 * tb_per_s, ",.0f")],
+                 [f"{side}^3 matmul, {str(dtype)[6:]} TFLOP/s", f"{2 * side ** 3 / matmul_seconds / 1e12:,.1f}",
+                  fmt(tflops, ",.0f")]])
+
+
+def bench_gpu():
+    """
+    The one call a GPU session makes: the sampler's speed at batch 1, 64 and 128 and the training step (the open
+    goals), with a profile of each, then the CUDA tests, then the rest of bench.py sampler and decode. A part starts
+    only while GPU_SECONDS last; each prints its table as it ends, so a run cut off keeps what came before, and a
+    part that fails prints its traceback and leaves the rest to run.
+    """
+    start = time.time()
+    model = sampler_model()
+    step, failed = {}, []
+    parts = [("ceilings", bench_ceilings),
+             ("sampler speed", lambda: sampler_speed(model, (1, 64, 128) if CUDA else (1, 8),
+                                                     hf_batches=(64,) if CUDA else (8,), hf_new_tokens=128)),
+             ("decode profile", lambda: profile_decode(model)),
+             ("train", lambda: step.update(bench_train())),
+             ("training profile", lambda: profile_training(step)),
+             ("CUDA tests", lambda: cuda_tests(GPU_SECONDS - (time.time() - start) - 10)),
+             ("both roles", lambda: sampler_both_roles(with_lora(model))),
+             ("rows that stop", lambda: sampler_stopping_rows(with_lora(model))),
+             ("prefill", lambda: sampler_prefill(with_lora(model))),
+             ("decode parts", bench_decode)]
+    for name, run in parts:
+        left = GPU_SECONDS - (time.time() - start)
+        if left < 30:
+            print(f"[bench gpu] {name}: not run, {left:.0f} s of {GPU_SECONDS} left", file=sys.stderr, flush=True)
+            continue
+        print(f"[bench gpu] {name} ({left:.0f} s of {GPU_SECONDS} left)", file=sys.stderr, flush=True)
+        try:
+            run()
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+    print(f"[bench gpu] done in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+    if failed:
+        sys.exit(f"[bench gpu] failed: {', '.join(failed)}")
 
 
 TOY_METHODS = [("PBSD (label reward)", ["--loss=pbsd", "--pbsd_label=reward"]),
@@ -757,9 +886,14 @@ def device_name():
     return torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
 
 
+def datasheet():
+    """(TB/s, bf16 TFLOP/s) of this GPU by its datasheet; NaN on a CPU or a GPU DATASHEETS does not name."""
+    return DATASHEETS.get(device_name(), (float("nan"), float("nan")))
+
+
 if __name__ == "__main__":
-    benches = {"sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train, "profile": bench_profile,
-               "decode": bench_decode, "activations": bench_activations, "toy": bench_toy,
+    benches = {"gpu": bench_gpu, "sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train,
+               "profile": bench_profile, "decode": bench_decode, "activations": bench_activations, "toy": bench_toy,
                "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta"), "wrong_references": bench_wrong_references}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]

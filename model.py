@@ -146,7 +146,7 @@ class Attention(nn.Module):
         k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and T == 1:
+        if position is not None:
             # a decode step: row b writes its keys and values at the slot of its own position (B, 1), and the rows
             # of each segment attend the segment's window, the first W cache slots (W = the width of its mask, which
             # hides the slots past a row's position). The H/Hkv query heads that share a KV head become that head's
@@ -220,25 +220,23 @@ class Qwen3(nn.Module):
     def logits(self, hidden):
         return hidden @ self.lm_head_weight.T  # (..., V)
 
-    def forward(self, input_ids, position_ids=None, caches=None, mask=None):
+    def forward(self, input_ids, caches=None):
         """
-        input_ids (B, T) -> final-norm hidden states (B, T, D), causal; rows may be right-padded.
-        caches and mask are the sampler's: one (k, v) cache per layer, where a token's keys and values sit at the
-        slot of its position. A prefill (position_ids None) writes slots 0 to T-1; a decode step (T = 1) writes
-        row b at slot position_ids[b] and attends with mask, a list of per-segment masks (see generate).
+        input_ids (B, T) -> final-norm hidden states (B, T, D), causal; rows may be right-padded. caches: the
+        sampler's prefill, one (k, v) cache per layer, whose slots 0 to T-1 get the tokens' keys and values (the
+        decode steps run the blocks themselves, see decode_step).
         """
         B, T = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            if caches is not None:  # the sampler's: its decode step compiles whole
-                x = layer(x, cos, sin, mask, caches[i], position_ids)
+            if caches is not None:
+                x = layer(x, cos, sin, None, caches[i])
             elif self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(self.run_block, layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(self.run_block, layer, x, cos, sin, None, use_reentrant=False)
             else:
-                x = self.run_block(layer, x, cos, sin, mask)
+                x = self.run_block(layer, x, cos, sin, None)
         return self.norm(x)
 
 
@@ -661,20 +659,50 @@ def sample_and_record(state, logits, temperature, top_k, top_p):
     state.column.add_(1)
 
 
-def decode_step(model, caches, state, windows, temperature, top_k, top_p):
+def step_inputs(model, state, windows):
     """
-    Feeds every row's last token, samples the next and records it, all in place: the step reads and writes only
-    the caches and the state, so it can be recorded once as a CUDA graph and replayed. windows: per segment, its
-    number of rows and how many cache slots they attend.
+    A decode step's inputs: every row's last token embedded (B, 1, D), the RoPE angles of its position, and per
+    segment (windows: its number of rows and how many cache slots they attend) the mask of the slots its rows
+    attend, those up to each row's position: its prompt, then each token fed (rows, 1, 1, W).
     """
     masks, start = [], 0
-    for rows, window in windows:  # a row attends the slots up to its position: its prompt, then each token fed
+    for rows, window in windows:
         slots = torch.arange(window, device=state.position.device)
-        masks.append((slots <= state.position[start:start + rows])[:, None, None, :])  # (rows, 1, 1, W)
+        masks.append((slots <= state.position[start:start + rows])[:, None, None, :])
         start += rows
-    hidden = model(state.token, position_ids=state.position, caches=caches, mask=masks)
-    sample_and_record(state, model.logits(hidden[:, -1]).float(), temperature, top_k, top_p)
+    x = model.embed_tokens(state.token)
+    cos, sin = rope_cos_sin(state.position, model.config.head_dim, model.config.rope_theta, x.dtype)
+    return x, cos, sin, masks
+
+
+def cached_block(layer, x, cos, sin, masks, cache, position):
+    """One block of a decode step: each row writes its keys and values at the slot of its position, then attends."""
+    return layer(x, cos, sin, masks, cache, position)
+
+
+def sample_next(model, x, state, temperature, top_k, top_p):
+    sample_and_record(state, model.logits(model.norm(x)[:, -1]).float(), temperature, top_k, top_p)
     state.position.add_(1)
+
+
+EAGER_STEP = (step_inputs, cached_block, sample_next)
+# compiled, each part once for every call, dynamic: one compilation serves every batch size, cache length and
+# window. The blocks share theirs: compiled whole, a step is 28 to 36 copies of the same block to trace and lower,
+# and took minutes to compile (on the CPU, a 28-layer step 190 s, against 25 s in parts), again for each variant
+_compiled_step = []
+
+
+def decode_step(model, caches, state, windows, temperature, top_k, top_p, parts=EAGER_STEP):
+    """
+    Feeds every row's last token, samples the next and records it, all in place: the step reads and writes only
+    the caches and the state, so it can be recorded once as a CUDA graph and replayed. parts: the step's inputs,
+    its blocks and its sampling, as functions (EAGER_STEP, or those compiled).
+    """
+    inputs, block, outputs = parts
+    x, cos, sin, masks = inputs(model, state, windows)
+    for layer, cache in zip(model.layers, caches):
+        x = block(layer, x, cos, sin, masks, cache, state.position)
+    outputs(model, x, state, temperature, top_k, top_p)
 
 
 class Rollout(tuple):
@@ -688,7 +716,6 @@ class Rollout(tuple):
     finished = property(lambda self: self[1])
 
 
-_compiled_decode_step = []
 # (device, dtype, layers, KV heads, head dim) -> one flat buffer that every call's caches are views of
 _kv_storage = {}
 # (that key, rows) -> the slots each row of a call of that many rows is laid out with: the most such a call needed
@@ -913,12 +940,11 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         if adapters is not None:
             state.adapter_rows.copy_(prompt_adapters[row_prompt])
 
-        step_fn = decode_step
+        parts = EAGER_STEP
         if compile:
-            # dynamic: one compilation serves every batch size, cache length and window (two: one and two segments)
-            if not _compiled_decode_step:
-                _compiled_decode_step.append(torch.compile(decode_step, fullgraph=True, dynamic=True))
-            step_fn = _compiled_decode_step[0]
+            if not _compiled_step:
+                _compiled_step.extend(torch.compile(part, fullgraph=True, dynamic=True) for part in EAGER_STEP)
+            parts = tuple(_compiled_step)
         lora_on = any(m.enabled for _, m in lora_modules(model))
         sample_and_record(state, logits, temperature, top_k, top_p)
         segment_rows = [sum(samples[run]) for run, _ in segments]  # the rows each runs
@@ -941,7 +967,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
                 # attends the slots up to it: the window is P+step rounded up, at most n_slots
                 windows = tuple((rows, -(-(prompt_len + step) // WINDOW) * WINDOW)
                                 for (_, prompt_len), rows in zip(segments, segment_rows) if rows)
-                step_call = lambda: step_fn(model, running_caches, running, windows, temperature, top_k, top_p)
+                step_call = lambda: decode_step(model, running_caches, running, windows, temperature, top_k, top_p,
+                                                parts)
                 if use_graphs:
                     replay_or_record(graphs, (windows, temperature, top_k, top_p, lora_on, adapters is not None),
                                      step_call)

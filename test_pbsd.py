@@ -239,11 +239,13 @@ def test_greedy_matches_transformers_generate(tmp_path, monkeypatch, tied, windo
 def test_cache_equals_recomputing_the_prefix(tiny):
     path, _ = tiny
     ours = M.load_qwen3(path, dtype=torch.float32)
-    for prompt, rollout in zip(_prompts([4, 8]), M.generate(ours, _prompts([4, 8]), 10, temperature=0)):
-        sequence = list(prompt)
-        for _ in range(10):
-            sequence.append(int(ours.logits(ours(torch.tensor([sequence])))[0, -1].argmax()))
-        assert rollout.tokens == sequence[len(prompt):]
+    for lengths in ([4, 8], [1, 1]):  # one-token prompts: a prefill of one position, then the decode steps
+        prompts = _prompts(lengths)
+        for prompt, rollout in zip(prompts, M.generate(ours, prompts, 10, temperature=0)):
+            sequence = list(prompt)
+            for _ in range(10):
+                sequence.append(int(ours.logits(ours(torch.tensor([sequence])))[0, -1].argmax()))
+            assert rollout.tokens == sequence[len(prompt):]
 
 
 def test_sampler_ignores_what_earlier_calls_left_in_the_cache(tiny):
@@ -408,12 +410,12 @@ def test_compiled_sampler_equals_eager_and_compiles_once(tiny, monkeypatch):
         prompts = _prompts(lengths, seed=len(lengths[1:]) + lengths[0])
         compiled = M.generate(ours, prompts, 20, temperature=0, compile=True)
         assert compiled == M.generate(ours, prompts, 20, temperature=0)
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 3  # the step's inputs, one for all its blocks, its sampling
     # sampled, the noise drawn inside the step: one more graph, whatever the step, window and batch
     for lengths in ([5, 9, 2], [3, 30, 12, 7]):
         prompts = _prompts(lengths, seed=len(lengths))
         assert M.generate(ours, prompts, 20, seed=1, compile=True) == M.generate(ours, prompts, 20, seed=1)
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == 4
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])

@@ -10,6 +10,7 @@ pre-norm blocks, RMSNorm computed in fp32, per-head RMSNorm on q and k before
 rotate-half RoPE, grouped-query attention, SwiGLU MLP, no biases.
 """
 
+import functools
 import itertools
 import json
 import math
@@ -686,10 +687,17 @@ def sample_next(model, x, state, temperature, top_k, top_p):
 
 
 EAGER_STEP = (step_inputs, cached_block, sample_next)
-# compiled, each part once for every call, dynamic: one compilation serves every batch size, cache length and
-# window. The blocks share theirs: compiled whole, a step is 28 to 36 copies of the same block to trace and lower,
-# and took minutes to compile (on the CPU, a 28-layer step 190 s, against 25 s in parts), again for each variant
-_compiled_step = []
+
+
+@functools.cache
+def compiled_step():
+    """
+    EAGER_STEP compiled, each part once for every call, dynamic: one compilation serves every batch size, cache
+    length and window. The blocks share theirs: compiled whole, a step is 28 to 36 copies of the same block to trace
+    and lower, and took minutes to compile (on the CPU, a 28-layer step 194 s, against 32 s in parts), again for
+    each variant (batch 1 or more rows, one segment or two, the LoRA on, off or per row).
+    """
+    return tuple(torch.compile(part, fullgraph=True, dynamic=True) for part in EAGER_STEP)
 
 
 def decode_step(model, caches, state, windows, temperature, top_k, top_p, parts=EAGER_STEP):
@@ -925,7 +933,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     # inference mode, so that a call outside it can still write to it (leaving inference mode turns grad mode
     # back on: hence no_grad again); the copies come before the graphs' key
     with torch.inference_mode(False), torch.no_grad(), sampling_adapters(model):
-        caches = kv_caches(config, n_rows, n_slots, dtype, device)
+        # one slot more than any window attends: a window as long as the cache would be a contiguous slice of it,
+        # one more case for the compiled block to compile
+        caches = kv_caches(config, n_rows, n_slots + 1, dtype, device)
         use_graphs = compile and device.type == "cuda"
         if use_graphs:
             state, graphs = recorded_decoder(model, n_rows, max_new_tokens, eos_ids, device)
@@ -940,11 +950,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         if adapters is not None:
             state.adapter_rows.copy_(prompt_adapters[row_prompt])
 
-        parts = EAGER_STEP
-        if compile:
-            if not _compiled_step:
-                _compiled_step.extend(torch.compile(part, fullgraph=True, dynamic=True) for part in EAGER_STEP)
-            parts = tuple(_compiled_step)
+        parts = compiled_step() if compile else EAGER_STEP
         lora_on = any(m.enabled for _, m in lora_modules(model))
         sample_and_record(state, logits, temperature, top_k, top_p)
         segment_rows = [sum(samples[run]) for run, _ in segments]  # the rows each runs

@@ -99,6 +99,12 @@ def sampler_model():
     return random_model(QWEN3_1_7B if CUDA else CPU_SHAPE, torch.bfloat16 if CUDA else torch.float32)
 
 
+def kv_bytes_per_token(model):
+    """The keys and values a token keeps in the cache, over all layers."""
+    config, dtype = model.config, model.embed_tokens.weight.dtype
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
 def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf_new_tokens=256):
     """
     New tokens/s of the sampler (the model as it is) at each batch, GB/s and the share of the roofline it reaches,
@@ -110,7 +116,6 @@ def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf
     prompt_len, new_tokens = SAMPLER_PROMPT, SAMPLER_NEW
     hf_new_tokens = min(new_tokens, hf_new_tokens)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
     tb_per_s = datasheet()[0]
     hf = None
     try:
@@ -130,7 +135,7 @@ def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf
         tokens_per_second = batch * new_tokens / seconds
         # the least a decode step must read: every weight once and the keys/values written so far (the prompt
         # and, on average, half the new tokens)
-        bytes_per_step = weight_bytes + batch * (prompt_len + new_tokens / 2) * kv_bytes_per_token
+        bytes_per_step = weight_bytes + batch * (prompt_len + new_tokens / 2) * kv_bytes_per_token(model)
         gb_per_second = bytes_per_step * new_tokens / seconds / 1e9
         hf_tokens_per_second = float("nan")
         if hf is not None and batch in hf_batches:
@@ -226,11 +231,9 @@ def sampler_prefill(model):
     fused kernel whose memory grows with the prompt, not its square. One new token, so the call is the prefill;
     its KV cache allocated afresh, so the peak counts the cache and the activations.
     """
-    config, dtype = model.config, model.embed_tokens.weight.dtype
-    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
     rows = []
     for n_prompts, length in ((64, 1024), (32, 4096), (8, 8192)) if CUDA else ((4, 512), (2, 2048)):
-        prompts = torch.randint(0, config.vocab_size, (n_prompts, length)).tolist()
+        prompts = torch.randint(0, model.config.vocab_size, (n_prompts, length)).tolist()
         run = lambda: qwen3.generate(model, prompts, 1, seed=0)
         qwen3._kv_storage.clear()
         qwen3._kv_row_slots.clear()
@@ -240,7 +243,7 @@ def sampler_prefill(model):
         seconds = timed(run, repeats=2)
         peak_gb = (torch.cuda.max_memory_allocated() - start) / 1e9 if CUDA else float("nan")
         rows.append([n_prompts, length, f"{n_prompts * length / seconds:,.0f}",
-                     f"{n_prompts * length * kv_bytes_per_token / 1e9:,.2f}", fmt(peak_gb, ",.2f")])
+                     f"{n_prompts * length * kv_bytes_per_token(model) / 1e9:,.2f}", fmt(peak_gb, ",.2f")])
     print_table(f"sampler, prefill of long prompts (LoRA r=64 on; one new token): tokens/s and the call's peak memory",
                 ["prompts", "tokens each", "prompt tok/s", "their keys and values GB", "peak GB"], rows)
 
@@ -632,15 +635,15 @@ def bench_profile():
     profile_training(pbsd_step())
 
 
-# A lent GPU has 15 minutes in all, its start-up and every call included, and each first compilation takes
-# minutes there: `bench.py gpu` is one call that fits, the figures of the open goals first
+# A lent GPU has 15 minutes in all, its start-up and every call included, and a first compilation can take minutes
+# there: `bench.py gpu` is one call that fits, the figures of the open goals first
 GPU_SECONDS = 540
 
 
 def cuda_tests(seconds):
-    """test_pbsd.py's tests of the compiled and CUDA-graph paths (-k cuda), their output inline, cut off after seconds."""
-    command = [sys.executable, "-m", "pytest", os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_pbsd.py"),
-               "-q", "-k", "cuda", "-p", "no:cacheprovider"]
+    """test_pbsd.py's tests of the compiled and CUDA-graph paths (-k cuda), printed inline, cut off after seconds."""
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_pbsd.py")
+    command = [sys.executable, "-m", "pytest", tests, "-q", "-k", "cuda", "-p", "no:cacheprovider"]
     print(f"\ntests: {' '.join(command[1:])}", flush=True)
     try:
         exit_code = subprocess.run(command, timeout=seconds).returncode

@@ -677,7 +677,11 @@ def step_inputs(model, state, windows):
 
 
 def cached_block(layer, x, cos, sin, masks, cache, position):
-    """One block of a decode step: each row writes its keys and values at the slot of its position, then attends."""
+    """
+    One block of a decode step: each row writes its keys and values at the slot of its position, then attends. A
+    function of its own, not Block.__call__, so that its compilation and compile_blocks' are counted apart (Dynamo
+    keeps its compiled variants per function, and stops compiling past a limit).
+    """
     return layer(x, cos, sin, masks, cache, position)
 
 

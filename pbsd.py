@@ -473,11 +473,15 @@ class Trainer:
 
     # -- one micro-batch: scoring, loss, backward
 
-    def score(self, prompts, responses, teacher):
+    def score(self, prompts, responses, teacher, stats):
         """
         Per-token log-probs and entropies of the responses after the prompts (N,), each token's row (N,), and the
         hidden states (N, D): the student with gradient, or the teacher (LoRA off) without.
         """
+        # the share of the positions computed that are padding: what length batches leave, on a run's own lengths
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        computed = sum(len(batch) * lengths[batch[0]] for batch in length_batches(lengths))
+        stats.add_ratio("scoring_padding", computed - sum(lengths), computed)
         with torch.no_grad() if teacher else nullcontext(), qwen3.adapters_off(self.model) if teacher else nullcontext():
             hidden, targets, rows = response_hidden(self.model, prompts, responses)
             logp, entropy = kernels.token_logprobs(hidden, self.model.lm_head_weight, targets,
@@ -495,7 +499,8 @@ class Trainer:
         timer = time.time()
         if config.loss == "sft":
             responses = [self.references[i] for i in indices]
-            logp, _, _, _ = self.score([self.student_prompts[i] for i in indices], responses, teacher=False)
+            prompts = [self.student_prompts[i] for i in indices]
+            logp, _, _, _ = self.score(prompts, responses, teacher=False, stats=stats)
             loss = -logp.sum() / normalizer
             stats.add("response_length", [len(r) for r in responses])
             stats.add("train_seconds", [time.time() - timer])
@@ -511,8 +516,8 @@ class Trainer:
             responses = responses + [r.tokens for r in rollouts["teacher"]]
             student_prompts += [self.student_prompts[i] for i in indices for _ in range(config.n_teacher)]
             teacher_prompts += [self.teacher_prompts[i] for i in indices for _ in range(config.n_teacher)]
-        student_logp, entropy, rows, student_hidden = self.score(student_prompts, responses, teacher=False)
-        teacher_logp, _, _, teacher_hidden = self.score(teacher_prompts, responses, teacher=True)
+        student_logp, entropy, rows, student_hidden = self.score(student_prompts, responses, teacher=False, stats=stats)
+        teacher_logp, _, _, teacher_hidden = self.score(teacher_prompts, responses, teacher=True, stats=stats)
         on_student = rows < len(student_rollouts)  # tokens of the student's own rollouts
         stats.add_ratio("student_entropy", entropy[on_student].sum().item(), on_student.sum().item())
         # k1 estimate of KL(student || teacher) per token along the student's rollouts
@@ -863,6 +868,7 @@ CURVES = (("training rewards", "mean", (("student_reward", "student rollouts"), 
                                                           ("teacher_truncated", "teacher"))),
           ("uncertainty words", "per 1K student tokens", (("uncertainty_per_1k", "wait, hmm, perhaps, ..."),)),
           ("step time", "seconds", (("generation_seconds", "generation"), ("train_seconds", "training"))),
+          ("scoring padding", "share of the positions computed", (("scoring_padding", "student and teacher passes"),)),
           ("GPU memory", "GB, the step's peak on the fullest rank", (("peak_memory_gb", "allocated"),)))
 
 

@@ -1033,6 +1033,7 @@ def test_one_step_of_each_objective(tiny_with_tokenizer, train_file, tmp_path, l
         for key in ("student_reward", "student_length", "student_truncated", "student_entropy", "kl_estimate",
                     "uncertainty_per_1k", "rollout_tokens_per_second", "generation_seconds", "train_seconds"):
             assert key in metrics[0], key
+    assert 0 <= metrics[0]["scoring_padding"] < 1
     if loss == "pbsd":
         for key in ("teacher_reward", "teacher_length", "label", "margin"):
             assert key in metrics[0], key
@@ -1040,9 +1041,9 @@ def test_one_step_of_each_objective(tiny_with_tokenizer, train_file, tmp_path, l
     assert (tmp_path / "learning_curve.png").stat().st_size > 10_000
     titles = pbsd.plot_run(str(tmp_path / "metrics.jsonl"), str(tmp_path / "again.png"))
     rollout_curves = ["training rewards", "loss", "student tokens", "response lengths", "cut at max_new_tokens",
-                      "uncertainty words", "step time"]
+                      "uncertainty words", "step time", "scoring padding"]
     assert titles == {"pbsd": rollout_curves[:2] + ["PBSD margin"] + rollout_curves[2:],
-                      "sft": ["loss", "response lengths", "step time"]}.get(loss, rollout_curves)
+                      "sft": ["loss", "response lengths", "step time", "scoring padding"]}.get(loss, rollout_curves)
     for name, p in trainer.model.named_parameters():
         if "lora_" in name:
             assert not torch.equal(p, lora_before[name]), name
@@ -1206,7 +1207,11 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
     responses = [tokenizer.encode(e.solution) + tokenizer.encode(data.IM_END) for e in trainer.train_examples[:3]]
     monkeypatch.setattr(pbsd, "BATCH_COST_TOKENS", batch_cost)
     assert len(pbsd.length_batches([len(p) + len(r) for p, r in zip(prompts, responses)])) == (1 if batch_cost else 3)
-    logp, _, rows, _ = trainer.score(prompts, responses, teacher=True)
+    stats = pbsd.Stats()
+    logp, _, rows, _ = trainer.score(prompts, responses, teacher=True, stats=stats)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]  # one batch pads to the longest; three do not
+    assert stats.reduce(1, "cpu")["scoring_padding"] == pytest.approx(
+        (3 * max(lengths) - sum(lengths)) / (3 * max(lengths)) if batch_cost else 0.0)
     expected = []
     for prompt, response in zip(prompts, responses):
         logits = hf(torch.tensor([prompt + response])).logits[0] / 0.8
@@ -1217,7 +1222,7 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
     gradients = []
     for cost in (batch_cost, 1024 - batch_cost):
         monkeypatch.setattr(pbsd, "BATCH_COST_TOKENS", cost)
-        student_logp, _, _, _ = trainer.score(prompts, responses, teacher=False)
+        student_logp, _, _, _ = trainer.score(prompts, responses, teacher=False, stats=pbsd.Stats())
         (student_logp * torch.linspace(-1, 1, len(student_logp))).sum().backward()
         gradients.append([p.grad.clone() for p in trainer.lora_params])
         trainer.model.zero_grad()

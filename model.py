@@ -154,9 +154,11 @@ class Attention(nn.Module):
             # queries, so each KV slot is read once: (B, H, 1, hd) -> (B, Hkv, H/Hkv, hd), head h = kv_head * H/Hkv
             # + g as in repeat_kv.
             k_cache, v_cache = cache  # (B, Hkv, S, hd) each, written in place
-            slot = position.view(B, 1, 1, 1).expand_as(k)  # (B, Hkv, 1, hd)
-            k_cache.scatter_(2, slot, k)
-            v_cache.scatter_(2, slot, v)
+            # an indexed assignment, not scatter_: compiled, scatter_ copies the whole cache and back to write one
+            # slot (Inductor writes index_put_ in place, not scatter_)
+            rows, slot = torch.arange(B, device=x.device), position[:, 0]
+            k_cache[rows, :, slot] = k[:, :, 0]  # (B, Hkv, hd) into row b's slot position[b]
+            v_cache[rows, :, slot] = v[:, :, 0]
             grouped = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
             ys, start = [], 0
             for segment_mask in mask:  # (rows, 1, 1, W) each, the segments' rows in order

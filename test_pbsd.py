@@ -418,6 +418,32 @@ def test_compiled_sampler_equals_eager_and_compiles_once(tiny, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 4
 
 
+def test_compiled_decode_block_writes_the_cache_in_place(tiny, monkeypatch):
+    """
+    Compiled, the decode block writes each row's keys and values with an op that Inductor performs in place (its
+    reinplacing pass's list): scatter_, which is not on it, was compiled as a copy of the whole cache, the write
+    into the copy and a copy back, every layer at every step.
+    """
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.fx_passes.reinplace import inplaceable_ops
+    graphs = []
+    capture = lambda graph, example_inputs: graphs.append(graph) or graph
+    backend = aot_autograd(fw_compiler=capture, keep_inference_input_mutations=True)  # as Inductor receives it
+    block = torch.compile(M.cached_block, backend=backend, fullgraph=True, dynamic=True)
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    prompts = _prompts([5, 9, 2])
+    expected = M.generate(ours, prompts, 6, temperature=0)
+    torch._dynamo.reset()
+    monkeypatch.setattr(M, "EAGER_STEP", (M.step_inputs, block, M.sample_next))
+    assert M.generate(ours, prompts, 6, temperature=0) == expected
+    inputs = lambda graph: {node for node in graph.graph.nodes if node.op == "placeholder"}
+    writes = [node.args[1] for graph in graphs for node in graph.graph.nodes
+              if node.target is torch.ops.aten.copy_.default and node.args[0] in inputs(graph)]
+    assert len(graphs) == 1 and len(writes) == 2  # one graph; the keys and the values
+    assert all(write.target in inplaceable_ops for write in writes), [write.target for write in writes]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_compiled_blocks_equal_eager_and_compile_once(tiny, device):
     """

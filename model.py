@@ -397,9 +397,11 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         A, up = (self.sampling_A, self.sampling_B) if self.sampling else self.adapter_weights(x.dtype)
-        down = F.linear(x, A)  # (B, T, P r)
         if self.adapter_rows is not None:
-            down = down * self.adapter_rows  # 0 on a teacher row: its output is the base projection's, exactly
+            # 0 on a teacher row: its output is the base projection's, exactly. On the input, not on x A^T: compiled,
+            # the product fuses into the kernel that made x (a norm, SwiGLU), where after a matmul it is a launch
+            x = x * self.adapter_rows
+        down = F.linear(x, A)  # (B, T, P r)
         # y += down up^T (B, T, out) in place, inside the matmul (beta = 1): out of place, cuBLAS would first copy y.
         # The zero blocks cost FLOPs, not launches: at r=64 they add 2.5% to a Qwen3-1.7B training pass's matmul
         # FLOPs (1.2% to Qwen3-8B's)

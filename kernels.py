@@ -62,9 +62,11 @@ def _logprob_forward_chunk(hidden, weight, targets, temperature):
 def _logprob_backward_chunk(hidden, weight, targets, lse, grad_logp, temperature):
     logits = _chunk_logits(hidden, weight, temperature)
     probs = torch.exp(logits - lse[:, None])  # (C, V)
-    # d log p(y) / d z = onehot(y) - p, and d z / d h = W / T
-    grad_logits = -grad_logp[:, None] * probs
-    grad_logits.scatter_add_(-1, targets[:, None], grad_logp[:, None])
+    # d log p(y) / d z = onehot(y) - p, and d z / d h = W / T. The one-hot as a comparison, not a scatter_add_ into
+    # the gradient: compiled, the whole gradient is then one pass that writes it in the matmul's dtype, where a
+    # scatter would first write it in fp32 and a second pass would scale and cast it
+    is_target = torch.arange(logits.shape[-1], device=logits.device) == targets[:, None]  # (C, V)
+    grad_logits = grad_logp[:, None] * (is_target.to(probs.dtype) - probs)
     return (grad_logits / temperature).to(weight.dtype) @ weight  # (C, D)
 
 

@@ -697,14 +697,21 @@ def sample_next(model, x, state, temperature, top_k, top_p):
 EAGER_STEP = (step_inputs, cached_block, sample_next)
 
 
+# The variants of the decode block a process can meet, each compiled once: the adapters on, off or per row, times
+# one segment of 1 row or more, or two segments of 1 row or more each (Dynamo specializes a size of 1). Past its
+# limit a function runs eager, 8 variants by default, which a run that evaluates both roles and trains can reach.
+DECODE_BLOCK_VARIANTS = 3 * (2 + 4)
+
+
 @functools.cache
 def compiled_step():
     """
     EAGER_STEP compiled, each part once for every call, dynamic: one compilation serves every batch size, cache
     length and window. The blocks share theirs: compiled whole, a step is 28 to 36 copies of the same block to trace
     and lower, and took minutes to compile (on the CPU, a 28-layer step 194 s, against 32 s in parts), again for
-    each variant (batch 1 or more rows, one segment or two, the LoRA on, off or per row).
+    each variant.
     """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_BLOCK_VARIANTS)
     return tuple(torch.compile(part, fullgraph=True, dynamic=True) for part in EAGER_STEP)
 
 

@@ -677,20 +677,26 @@ def step_inputs(model, state, windows):
         start += rows
     x = model.embed_tokens(state.token)
     cos, sin = rope_cos_sin(state.position, model.config.head_dim, model.config.rope_theta, x.dtype)
-    return x, cos, sin, masks
+    return x, torch.zeros_like(x), cos, sin, masks  # zeros: no block before the first has an MLP output to add
 
 
-def cached_block(layer, x, cos, sin, masks, cache, position):
+def cached_block(layer, x, mlp_out, cos, sin, masks, cache, position):
     """
-    One block of a decode step: each row writes its keys and values at the slot of its position, then attends. A
-    function of its own, not Block.__call__, so that its compilation and compile_blocks' are counted apart (Dynamo
-    keeps its compiled variants per function, and stops compiling past a limit).
+    One block of a decode step, Block.forward but for its last residual add, which the next block makes: x plus the
+    previous block's MLP output is summed in the kernel of this block's first norm, not in a kernel of its own at
+    the end of the previous block (the blocks compile apart, so nothing fuses across them): one launch a layer
+    fewer. Each row writes its keys and values at the slot of its position, then attends. A function of its own,
+    not Block.__call__, so that its compilation and compile_blocks' are counted apart (Dynamo keeps its compiled
+    variants per function, and stops compiling past a limit). Returns the block's x and MLP output, (B, 1, D) each.
     """
-    return layer(x, cos, sin, masks, cache, position)
+    x = x + mlp_out
+    x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, masks, cache, position)
+    return x, layer.mlp(layer.post_attention_layernorm(x))
 
 
-def sample_next(model, x, state, temperature, top_k, top_p):
-    sample_and_record(state, model.logits(model.norm(x)[:, -1]).float(), temperature, top_k, top_p)
+def sample_next(model, x, mlp_out, state, temperature, top_k, top_p):
+    logits = model.logits(model.norm(x + mlp_out)[:, -1]).float()  # (B, V); the last block's residual add
+    sample_and_record(state, logits, temperature, top_k, top_p)
     state.position.add_(1)
 
 
@@ -722,10 +728,10 @@ def decode_step(model, caches, state, windows, temperature, top_k, top_p, parts=
     its blocks and its sampling, as functions (EAGER_STEP, or those compiled).
     """
     inputs, block, outputs = parts
-    x, cos, sin, masks = inputs(model, state, windows)
+    x, mlp_out, cos, sin, masks = inputs(model, state, windows)
     for layer, cache in zip(model.layers, caches):
-        x = block(layer, x, cos, sin, masks, cache, state.position)
-    outputs(model, x, state, temperature, top_k, top_p)
+        x, mlp_out = block(layer, x, mlp_out, cos, sin, masks, cache, state.position)
+    outputs(model, x, mlp_out, state, temperature, top_k, top_p)
 
 
 class Rollout(tuple):

@@ -397,11 +397,13 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         A, up = (self.sampling_A, self.sampling_B) if self.sampling else self.adapter_weights(x.dtype)
-        if self.adapter_rows is not None:
-            # 0 on a teacher row: its output is the base projection's, exactly. On the input, not on x A^T: compiled,
-            # the product fuses into the kernel that made x (a norm, SwiGLU), where after a matmul it is a launch
-            x = x * self.adapter_rows
-        down = F.linear(x, A)  # (B, T, P r)
+        # adapter_rows: 0 on a teacher row, whose output is then the base projection's, exactly
+        if self.adapter_rows is None:
+            down = F.linear(x, A)  # (B, T, P r)
+        elif x.shape[1] == 1:  # a decode step, compiled: on the input the product fuses into the kernel that made x
+            down = F.linear(x * self.adapter_rows, A)  # (a norm, SwiGLU); after a matmul it is a launch of its own
+        else:  # a prefill, eager: on the output, (B, T, P r), a smaller tensor than the input, (B, T, D)
+            down = F.linear(x, A) * self.adapter_rows
         # y += down up^T (B, T, out) in place, inside the matmul (beta = 1): out of place, cuBLAS would first copy y.
         # The zero blocks cost FLOPs, not launches: at r=64 they add 2.5% to a Qwen3-1.7B training pass's matmul
         # FLOPs (1.2% to Qwen3-8B's)

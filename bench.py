@@ -515,10 +515,10 @@ def pbsd_step():
         for first in range(0, prompts_per_step, micro_batch):
             part = slice(first, first + micro_batch)
             responses = student_responses[part] + teacher_responses[part]  # y- then y+ of each prompt
-            hidden, targets, rows = pbsd.response_hidden(model, student_prompts[part] * 2, responses)
+            hidden, targets, rows, _ = pbsd.response_hidden(model, student_prompts[part] * 2, responses)
             student = kernels.token_logprobs(hidden, weight, targets)
             with torch.no_grad(), qwen3.adapters_off(model):
-                teacher_hidden, _, _ = pbsd.response_hidden(model, teacher_prompts[part] * 2, responses)
+                teacher_hidden, _, _, _ = pbsd.response_hidden(model, teacher_prompts[part] * 2, responses)
                 teacher = kernels.token_logprobs(teacher_hidden, weight, targets)
             sums = pbsd.sequence_sums(student, rows, len(responses))
             teacher_sums = pbsd.sequence_sums(teacher, rows, len(responses))
@@ -813,8 +813,8 @@ def report_target_on_wrong_references(base, right, wrong):
     end_of_turn = tokenizer.encode(data.IM_END)
     sums = {}
     for name, solutions in (("right", [r.solution for r, _ in pairs]), ("wrong", [w.solution for _, w in pairs])):
-        hidden, targets, rows = pbsd.response_hidden(model, prompts, [tokenizer.encode(s) + end_of_turn
-                                                                      for s in solutions])
+        hidden, targets, rows, _ = pbsd.response_hidden(model, prompts, [tokenizer.encode(s) + end_of_turn
+                                                                         for s in solutions])
         logp = kernels.token_logprobs(hidden, model.lm_head_weight, targets)  # (N,)
         sums[name] = pbsd.sequence_sums(logp, rows, len(pairs)).double()  # (P,) log pi_T of each whole solution
     rows = []

@@ -248,7 +248,7 @@ def build_toy_world(config):
         prompts = [data.teacher_prompt(e, tokenizer, template=teacher_template) if i % 2 else
                    data.student_prompt(e, tokenizer, template=student_template) for i, e in enumerate(batch)]
         responses = [tokenizer.encode(e.solution) + end_of_turn for e in batch]
-        hidden, targets, _ = response_hidden(model, prompts, responses)
+        hidden, targets, _, _ = response_hidden(model, prompts, responses)
         loss = -kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -300,13 +300,15 @@ def length_batches(lengths):
 def response_hidden(model, prompts, responses):
     """
     Runs each prompt + response (right-padded, so the response follows its prompt with no gap) and returns the
-    final hidden states at the positions that predict response tokens (N, D), those tokens (N,), and the row
-    each belongs to (N,), in row order. Token j of a response is predicted at position len(prompt) - 1 + j.
+    final hidden states at the positions that predict response tokens (N, D), those tokens (N,), the row each
+    belongs to (N,), in row order, and how many positions the batches ran, padding included. Token j of a response
+    is predicted at position len(prompt) - 1 + j.
     """
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     device = model.embed_tokens.weight.device
     per_row = [None] * len(prompts)
-    for batch in length_batches(lengths):
+    batches = length_batches(lengths)
+    for batch in batches:
         input_ids = torch.zeros(len(batch), lengths[batch[0]], dtype=torch.long)
         for k, row in enumerate(batch):
             input_ids[k, :lengths[row]] = torch.tensor(prompts[row] + responses[row])
@@ -315,7 +317,8 @@ def response_hidden(model, prompts, responses):
             per_row[row] = hidden[k, len(prompts[row]) - 1:lengths[row] - 1]  # (len(response), D)
     as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     rows = [row for row, response in enumerate(responses) for _ in response]
-    return torch.cat(per_row), as_tensor([t for response in responses for t in response]), as_tensor(rows)
+    computed = sum(len(batch) * lengths[batch[0]] for batch in batches)
+    return torch.cat(per_row), as_tensor([t for response in responses for t in response]), as_tensor(rows), computed
 
 
 def sequence_sums(token_values, rows, n_rows):
@@ -478,14 +481,12 @@ class Trainer:
         Per-token log-probs and entropies of the responses after the prompts (N,), each token's row (N,), and the
         hidden states (N, D): the student with gradient, or the teacher (LoRA off) without.
         """
-        # the share of the positions computed that are padding: what length batches leave, on a run's own lengths
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        computed = sum(len(batch) * lengths[batch[0]] for batch in length_batches(lengths))
-        stats.add_ratio("scoring_padding", computed - sum(lengths), computed)
         with torch.no_grad() if teacher else nullcontext(), qwen3.adapters_off(self.model) if teacher else nullcontext():
-            hidden, targets, rows = response_hidden(self.model, prompts, responses)
+            hidden, targets, rows, computed = response_hidden(self.model, prompts, responses)
             logp, entropy = kernels.token_logprobs(hidden, self.model.lm_head_weight, targets,
                                                    temperature=self.config.temperature, with_entropy=True)
+        # the share of the positions computed that are padding: what length batches leave, on a run's own lengths
+        stats.add_ratio("scoring_padding", computed - sum(map(len, prompts)) - len(targets), computed)
         return logp, entropy, rows, hidden
 
     def micro_step(self, indices, rollouts, rewards, normalizer, stats):

@@ -357,10 +357,10 @@ class LoRALinear(nn.Module):
     """
     A frozen Projection with an adapter of its own on each targeted part (as PEFT puts one on each HF projection).
     The parts' A matrices read the same input, so they are stacked: x A^T is one matmul for all of them; their B
-    matrices are laid out block-diagonally, so the adapters' outputs are one more matmul, which adds them into the
-    base projection's output as it goes. At batch 1 a decode step is a chain of small launches, each a few
-    microseconds, about what a projection's matrix-vector product takes: an adapter with launches per part would
-    cost as much again.
+    matrices are laid out block-diagonally, so the adapters' outputs are one more matmul, added to the base
+    projection's output inside that matmul (eager) or in the kernel that reads it (compiled). At batch 1 a decode
+    step is a chain of small launches, each a few microseconds, about what a projection's matrix-vector product
+    takes: an adapter with launches per part would cost as much again.
     """
 
     def __init__(self, base, targets, rank, alpha):
@@ -404,10 +404,14 @@ class LoRALinear(nn.Module):
             down = F.linear(x * self.adapter_rows, A)  # (a norm, SwiGLU); after a matmul it is a launch of its own
         else:  # a prefill, eager: on the output, (B, T, P r), a smaller tensor than the input, (B, T, D)
             down = F.linear(x, A) * self.adapter_rows
-        # y += down up^T (B, T, out) in place, inside the matmul (beta = 1): out of place, cuBLAS would first copy y.
-        # The zero blocks cost FLOPs, not launches: at r=64 they add 2.5% to a Qwen3-1.7B training pass's matmul
-        # FLOPs (1.2% to Qwen3-8B's)
-        y.flatten(0, -2).addmm_(down.flatten(0, -2), up.T)
+        # y + down up^T (B, T, out). The zero blocks cost FLOPs, not launches: at r=64 they add 2.5% to a Qwen3-1.7B
+        # training pass's matmul FLOPs (1.2% to Qwen3-8B's)
+        if torch.compiler.is_compiling():
+            # compiled, a product of its own and an add, which fuses into the kernel that reads y (a norm, RoPE,
+            # SwiGLU, the residual). Inductor would run addmm_ out of place, into a new buffer, and aten first
+            # copies y into it: a launch and a read and write of y more
+            return y + F.linear(down, up)
+        y.flatten(0, -2).addmm_(down.flatten(0, -2), up.T)  # eager, in place inside the matmul (beta = 1)
         return y
 
 

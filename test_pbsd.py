@@ -486,6 +486,36 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, device):
     assert counters["stats"]["unique_graphs"] == 3
 
 
+def test_compiled_lora_adds_its_product_in_the_next_kernel(tiny):
+    """
+    Compiled, an adapted projection adds down up^T to y in the kernel that reads y (here SwiGLU's, and the caller's
+    for down_proj), not through addmm: Inductor runs addmm into a new buffer, and aten first copies y into it.
+    Eager, it stays in place inside the matmul; both give the same output and LoRA gradients.
+    """
+    from torch._inductor.utils import run_and_get_code
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    torch.manual_seed(0)
+    for p in M.apply_lora(ours, rank=4, alpha=8):
+        torch.nn.init.normal_(p, std=0.1)
+    mlp = ours.layers[0].mlp
+    x = torch.randn(2, 7, TINY["hidden_size"])
+
+    def output_and_grads(run):
+        y = run(x)
+        y.square().sum().backward()
+        lora = [p for p in mlp.parameters() if p.requires_grad]
+        grads = [p.grad.clone() for p in lora]
+        for p in lora:
+            p.grad = None
+        return [y.detach(), *grads]
+    torch._dynamo.reset()
+    compiled, code = run_and_get_code(output_and_grads, torch.compile(mlp))
+    assert len(code) == 2 and not any("addmm" in source for source in code)  # forward and backward
+    for want, got in zip(output_and_grads(mlp), compiled):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_sampler_with_lora_and_as_teacher(tiny):
     path, _ = tiny
     ours = M.load_qwen3(path, dtype=torch.float32)

@@ -397,20 +397,18 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         A, up = (self.sampling_A, self.sampling_B) if self.sampling else self.adapter_weights(x.dtype)
-        # adapter_rows: 0 on a teacher row, whose output is then the base projection's, exactly
-        if self.adapter_rows is None:
-            down = F.linear(x, A)  # (B, T, P r)
-        elif x.shape[1] == 1:  # a decode step, compiled: on the input the product fuses into the kernel that made x
-            down = F.linear(x * self.adapter_rows, A)  # (a norm, SwiGLU); after a matmul it is a launch of its own
-        else:  # a prefill, eager: on the output, (B, T, P r), a smaller tensor than the input, (B, T, D)
-            down = F.linear(x, A) * self.adapter_rows
-        # y + down up^T (B, T, out). The zero blocks cost FLOPs, not launches: at r=64 they add 2.5% to a Qwen3-1.7B
-        # training pass's matmul FLOPs (1.2% to Qwen3-8B's)
+        down = F.linear(x, A)  # (B, T, P r)
+        # y + adapter_rows * down up^T (B, T, out); adapter_rows (B, 1, 1), where set, is 0 on a teacher row, whose
+        # output is then the base projection's, exactly. The zero blocks of up cost FLOPs, not launches: at r=64
+        # they add 2.5% to a Qwen3-1.7B training pass's matmul FLOPs (1.2% to Qwen3-8B's)
         if torch.compiler.is_compiling():
-            # compiled, a product of its own and an add, which fuses into the kernel that reads y (a norm, RoPE,
-            # SwiGLU, the residual). Inductor would run addmm_ out of place, into a new buffer, and aten first
-            # copies y into it: a launch and a read and write of y more
-            return y + F.linear(down, up)
+            # compiled, the product is a matmul of its own and the add (and the rows' zero) fuse into the kernel
+            # that reads y (a norm, RoPE, SwiGLU, the residual). Inductor would run addmm_ out of place, into a new
+            # buffer, and aten first copies y into it: a launch and a read and write of y more
+            product = F.linear(down, up)
+            return y + (product if self.adapter_rows is None else product * self.adapter_rows)
+        if self.adapter_rows is not None:
+            down = down * self.adapter_rows  # (B, T, P r): smaller than the input or the output
         y.flatten(0, -2).addmm_(down.flatten(0, -2), up.T)  # eager, in place inside the matmul (beta = 1)
         return y
 

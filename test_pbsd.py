@@ -490,7 +490,8 @@ def test_compiled_lora_adds_its_product_in_the_next_kernel(tiny):
     """
     Compiled, an adapted projection adds down up^T to y in the kernel that reads y (here SwiGLU's, and the caller's
     for down_proj), not through addmm: Inductor runs addmm into a new buffer, and aten first copies y into it.
-    Eager, it stays in place inside the matmul; both give the same output and LoRA gradients.
+    Eager, it stays in place inside the matmul. Both give the same output and LoRA gradients, and the same decode
+    step with per-row adapters (the teacher's row the base projections').
     """
     from torch._inductor.utils import run_and_get_code
     path, _ = tiny
@@ -514,6 +515,15 @@ def test_compiled_lora_adds_its_product_in_the_next_kernel(tiny):
     assert len(code) == 2 and not any("addmm" in source for source in code)  # forward and backward
     for want, got in zip(output_and_grads(mlp), compiled):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    step = x[:, :1]  # a decode step's shape: the student's row, then the teacher's
+    with torch.no_grad(), M.adapters_on_rows(ours, torch.tensor([1.0, 0.0])[:, None, None]):
+        compiled, code = run_and_get_code(torch.compile(mlp), step)
+        eager = mlp(step)
+        with M.adapters_off(ours):
+            base = mlp(step)
+    assert len(code) == 1 and "addmm" not in code[0]
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
+    assert (compiled[1] - base[1]).abs().max() <= 1e-5 * base.abs().max() < (compiled[0] - base[0]).abs().max()
 
 
 def test_sampler_with_lora_and_as_teacher(tiny):

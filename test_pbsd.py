@@ -486,6 +486,39 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, device):
     assert counters["stats"]["unique_graphs"] == 3
 
 
+def test_compiled_checkpointed_block_recomputes_in_its_backward_graph(tiny):
+    """
+    With gradient checkpointing, compile_blocks compiles the checkpoint with the block (run_block), so its forward
+    graph keeps for backward the block's inputs and at most a few statistics a token (the norms'), and the
+    recomputation is part of the backward graph. A checkpoint around a compiled block would run a forward graph
+    that writes all that backward reads (the normed states, q and k, SwiGLU's inputs: what the graph keeps without
+    checkpointing), only to drop it.
+    """
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    M.apply_lora(ours, rank=4, alpha=8)
+    B, T = 2, 11  # no dimension of the model is 11
+    x = torch.randn(B, T, TINY["hidden_size"], requires_grad=True)
+    cos, sin = M.rope_cos_sin(torch.arange(T).expand(B, T), TINY["head_dim"], TINY["rope_theta"], x.dtype)
+    kept = {}
+    for recompute in (True, False):
+        forwards = []
+        backend = aot_autograd(fw_compiler=lambda graph, _: forwards.append(graph) or make_boxed_func(graph))
+        torch._dynamo.reset()
+        block = torch.compile(M.run_block, backend=backend)
+        want = M.run_block(ours.layers[0], x, cos, sin, recompute)
+        got = block(ours.layers[0], x, cos, sin, recompute)
+        assert torch.allclose(got, want, atol=1e-6)
+        got.sum().backward()
+        outputs = next(node for node in forwards[0].graph.nodes if node.op == "output").args[0]
+        saved = [node.meta["val"] for node in outputs[1:] if isinstance(node, torch.fx.Node)
+                 and node.op != "placeholder" and isinstance(node.meta.get("val"), torch.Tensor)]
+        kept[recompute] = max((t.numel() // (B * T) for t in saved if T in t.shape), default=0)  # a token's, at most
+    assert kept[True] < 8 and kept[False] >= TINY["hidden_size"], kept
+
+
 def test_compiled_lora_adds_its_product_in_the_next_kernel(tiny):
     """
     Compiled, an adapted projection adds down up^T to y in the kernel that reads y (here SwiGLU's, and the caller's

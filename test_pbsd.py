@@ -418,17 +418,22 @@ def test_compiled_sampler_equals_eager_and_compiles_once(tiny, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 4
 
 
+def _capturing_backend(graphs, **options):
+    """A torch.compile backend that appends the FX graphs AOT autograd hands Inductor (forward, then backward)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    return aot_autograd(fw_compiler=lambda graph, _: graphs.append(graph) or make_boxed_func(graph), **options)
+
+
 def test_compiled_decode_block_writes_the_cache_in_place(tiny, monkeypatch):
     """
     Compiled, the decode block writes each row's keys and values with an op that Inductor performs in place (its
     reinplacing pass's list): scatter_, which is not on it, was compiled as a copy of the whole cache, the write
     into the copy and a copy back, every layer at every step.
     """
-    from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.fx_passes.reinplace import inplaceable_ops
     graphs = []
-    capture = lambda graph, example_inputs: graphs.append(graph) or graph
-    backend = aot_autograd(fw_compiler=capture, keep_inference_input_mutations=True)  # as Inductor receives it
+    backend = _capturing_backend(graphs, keep_inference_input_mutations=True)  # as Inductor receives it
     block = torch.compile(M.cached_block, backend=backend, fullgraph=True, dynamic=True)
     path, _ = tiny
     ours = M.load_qwen3(path, dtype=torch.float32)
@@ -494,8 +499,6 @@ def test_compiled_checkpointed_block_recomputes_in_its_backward_graph(tiny):
     that writes all that backward reads (the normed states, q and k, SwiGLU's inputs: what the graph keeps without
     checkpointing), only to drop it.
     """
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
     path, _ = tiny
     ours = M.load_qwen3(path, dtype=torch.float32)
     M.apply_lora(ours, rank=4, alpha=8)
@@ -505,9 +508,8 @@ def test_compiled_checkpointed_block_recomputes_in_its_backward_graph(tiny):
     kept = {}
     for recompute in (True, False):
         forwards = []
-        backend = aot_autograd(fw_compiler=lambda graph, _: forwards.append(graph) or make_boxed_func(graph))
         torch._dynamo.reset()
-        block = torch.compile(M.run_block, backend=backend)
+        block = torch.compile(M.run_block, backend=_capturing_backend(forwards))
         want = M.run_block(ours.layers[0], x, cos, sin, recompute)
         got = block(ours.layers[0], x, cos, sin, recompute)
         assert torch.allclose(got, want, atol=1e-6)

@@ -314,9 +314,10 @@ def bench_decode():
     """
     The parts of a decode step where the batch-1 gap to the roofline lies, each against alternatives: the
     projections' matrix-vector products (F.linear, which is cuBLAS on a GPU, and the same product written as a
-    multiply and a sum, which Inductor compiles into a Triton reduction there), and attention over the cache
-    with the sampler's mask (each SDPA backend, the split form and FlexAttention above). On a GPU the compiled
-    variants tune their kernels (coordinate descent, as gpt-fast does) the first time: a few minutes.
+    multiply and a sum, which Inductor compiles into a Triton reduction there, as it does the one-row decode
+    step's products: qwen3.compiled_step), and attention over the cache with the sampler's mask (each SDPA
+    backend, the split form and FlexAttention above). On a GPU the compiled variants tune their kernels
+    (coordinate descent, as gpt-fast does) the first time: a few minutes.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     # eager (on a CPU) FlexAttention materializes the scores, as the math backend does, and warns that it does

@@ -725,15 +725,23 @@ DECODE_BLOCK_VARIANTS = 3 * (2 + 4)
 
 
 @functools.cache
-def compiled_step():
+def compiled_step(one_row=False):
     """
     EAGER_STEP compiled, each part once for every call, dynamic: one compilation serves every batch size, cache
     length and window. The blocks share theirs: compiled whole, a step is 28 to 36 copies of the same block to trace
     and lower, and took minutes to compile (on the CPU, a 28-layer step 194 s, against 32 s in parts), again for
     each variant.
+
+    one_row: the step of a call that samples one row, where every projection and the output head is a
+    matrix-vector product, compiled with coordinate descent tuning as gpt-fast decodes: under it Inductor writes a
+    product of one row as a Triton reduction (its decomposition of mm) and tunes each kernel's block sizes. cuBLAS's
+    matrix-vector kernels read the weights well below the memory bandwidth (the 753cb6d profile at batch 1: the
+    products 1.6 ms of a 2.65 ms step, 7.5 us each for 4 to 25 MB). Tuning builds each kernel in several
+    configurations, so the steps of more rows, matrix products that cuBLAS runs either way, compile without it.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_BLOCK_VARIANTS)
-    return tuple(torch.compile(part, fullgraph=True, dynamic=True) for part in EAGER_STEP)
+    options = {"coordinate_descent_tuning": True} if one_row else None
+    return tuple(torch.compile(part, fullgraph=True, dynamic=True, options=options) for part in EAGER_STEP)
 
 
 def decode_step(model, caches, state, windows, temperature, top_k, top_p, parts=EAGER_STEP):
@@ -986,7 +994,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         if adapters is not None:
             state.adapter_rows.copy_(prompt_adapters[row_prompt])
 
-        parts = compiled_step() if compile else EAGER_STEP
+        parts = compiled_step(n_rows == 1) if compile else EAGER_STEP
         lora_on = any(m.enabled for _, m in lora_modules(model))
         sample_and_record(state, logits, temperature, top_k, top_p)
         segment_rows = [sum(samples[run]) for run, _ in segments]  # the rows each runs

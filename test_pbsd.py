@@ -1680,6 +1680,29 @@ def test_cuda_graph_sampler_equals_eager(tiny, monkeypatch):
 
 
 @needs_cuda
+def test_cuda_one_row_step_is_triton_reductions(tiny):
+    """
+    A call that samples one row compiles its decode step with coordinate descent tuning, under which every
+    matrix-vector product (the projections, the adapters', the head) is a Triton reduction; a call of more rows
+    keeps cuBLAS's matmuls. Either samples what eager samples, the LoRA on or off.
+    """
+    from torch._inductor.utils import run_and_get_code
+    path, _ = tiny
+    ours = M.load_qwen3(path, device="cuda", dtype=torch.float32)
+
+    def compiled_calls_cublas(prompts):
+        with torch._inductor.config.patch(force_disable_caches=True):  # code generated here, not loaded
+            compiled, code = run_and_get_code(M.generate, ours, prompts, 12, temperature=0, compile=True)
+        assert code and compiled == M.generate(ours, prompts, 12, temperature=0)
+        return any(f"extern_kernels.{op}(" in source for source in code for op in ("mm", "addmm"))
+    assert not compiled_calls_cublas(_prompts([11], seed=1))
+    assert compiled_calls_cublas(_prompts([5, 9, 2], seed=1))
+    for p in M.apply_lora(ours, rank=4, alpha=8):
+        torch.nn.init.normal_(p, std=0.1)
+    assert not compiled_calls_cublas(_prompts([11], seed=2))
+
+
+@needs_cuda
 def test_cuda_compiled_kernels_bf16():
     K.compile_kernels = True
     try:

@@ -51,10 +51,15 @@ def _padded(x, chunk_size):
 @_maybe_compiled
 def _logprob_forward_chunk(hidden, weight, targets, temperature):
     logits = _chunk_logits(hidden, weight, temperature)  # (C, V)
-    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    row_max = logits.amax(-1, keepdim=True)  # (C, 1)
+    exp = torch.exp(logits - row_max)  # (C, V); compiled, never stored: each sum recomputes it as it reads
+    sum_exp = exp.sum(-1)  # (C,)
+    lse = row_max[:, 0] + sum_exp.log()
     target_logp = logits.gather(-1, targets[:, None])[:, 0] - lse
-    probs = torch.exp(logits - lse[:, None])
-    entropy = lse - (probs * logits).sum(-1)  # H = -sum p log p = lse - sum p z
+    # H = -sum p log p = lse - sum p z, with p = exp / sum_exp. Compiled, this reads the logits twice: the max,
+    # then both sums (on a GPU, the max and sum_exp in one pass as an online softmax, then the other sum), where
+    # logsumexp and then p = exp(z - lse) read them three times
+    entropy = lse - (exp * logits).sum(-1) / sum_exp
     return target_logp, entropy, lse
 
 

@@ -1620,7 +1620,7 @@ def test_bench_gpu_runs_every_part(tmp_path, monkeypatch, capfd):
     printed, log = capfd.readouterr()  # the CUDA tests' pytest writes to the same descriptors
     for title in ("ceilings of CPU", "sampler: CPU shape", "profile: sampler decode, batch 1",
                   "train: one PBSD step", "train: the training part with and without gradient checkpointing",
-                  "profile: training step", "tests: -m pytest", "4 skipped", "sampler, both roles",
+                  "profile: training step", "tests: -m pytest", "5 skipped", "sampler, both roles",
                   "sampler, rows that stop", "sampler, prefill", "decode parts: matrix-vector products",
                   "decode parts: attention", "activations: bytes kept"):
         assert title in printed, title

@@ -144,6 +144,40 @@ def print_table(summary, file=sys.stdout):
         print(f"{name:<32}{value:>10.4f}", file=file)
 
 
+def plot_summary(summary, png_path, max_new_tokens):
+    """
+    Draws an evaluation as png_path: how many problems got 0, 1, ..., k correct samples (Avg@k is the mean of that
+    share, pass@k the problems off zero), and the response lengths of right and wrong samples against the budget,
+    where a length collapse or a run of cut-off answers shows. Returns the problem counts per number correct.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    k, results = summary["k"], summary["per_problem"]
+    correct = [sum(r >= 1.0 for r in result["rewards"]) for result in results]
+    problems = [correct.count(c) for c in range(k + 1)]
+    fig, (by_correct, by_length) = plt.subplots(1, 2, figsize=(11, 3.8))
+    by_correct.bar(range(k + 1), problems, color="C0")
+    by_correct.yaxis.set_major_locator(MaxNLocator(integer=True))
+    by_correct.set(xlabel=f"correct samples of {k}", ylabel="problems", xticks=range(k + 1),
+                   title=f"Avg@{k} {summary['avg_at_k']:.3f}, pass@{k} {summary['pass_at_k']:.3f} "
+                         f"({summary['n_problems']} problems)")
+    samples = [(n, r >= 1.0) for result in results for n, r in zip(result["lengths"], result["rewards"])]
+    bins = range(0, max_new_tokens + 2, max(1, (max_new_tokens + 1) // 40))
+    by_length.hist([[n for n, right in samples if right], [n for n, right in samples if not right]], bins=bins,
+                   stacked=True, color=["C2", "C3"], label=["right", "wrong"])
+    by_length.axvline(max_new_tokens, color="gray", ls="--",
+                      label=f"budget ({100 * summary['truncation_rate']:.0f}% cut at it)")
+    by_length.set(xlabel="response tokens", ylabel="samples",
+                  title=f"response lengths (mean {summary['mean_length']:.0f})")
+    by_length.legend(fontsize=8)
+    fig.tight_layout()
+    qwen3.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF Qwen3 checkpoint folder")
@@ -165,7 +199,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eager", action="store_true",
                         help="sample without torch.compile and CUDA graphs (a GPU uses them otherwise)")
-    parser.add_argument("--out", default="eval_out", help="folder for samples.jsonl and summary.json")
+    parser.add_argument("--out", default="eval_out", help="folder for samples.jsonl, summary.json and summary.png")
     args = parser.parse_args(argv)
     for name in ("k", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
@@ -210,8 +244,9 @@ def main(argv=None):
                                         "truncated": result["truncated"][sample]}) + "\n")
         json.dump({key: value for key, value in summary.items() if key != "per_problem"},
                   open(os.path.join(args.out, "summary.json"), "w"), indent=2)
+        plot_summary(summary, os.path.join(args.out, "summary.png"), args.max_new_tokens)
         print_table(summary)
-        print(f"samples and summary written to {args.out}/")
+        print(f"samples, summary and its plot written to {args.out}/ (samples.jsonl, summary.json, summary.png)")
     if distributed:
         dist.destroy_process_group()
 

@@ -1068,6 +1068,15 @@ def test_evaluate_end_to_end(tiny_with_tokenizer, tmp_path, monkeypatch):
     assert compiled == [True, True, True]  # the compiled sampler, in each of the three calls
 
 
+def test_eval_plot_counts_problems_by_correct_samples(tmp_path):
+    results = [{"problem": str(i), "answer": "1", "responses": ["x"] * 3, "rewards": rewards, "lengths": [4, 9, 16],
+                "truncated": [False, False, True]}
+               for i, rewards in enumerate([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])]
+    summary = E.summarize(results, k=3)
+    assert E.plot_summary(summary, tmp_path / "summary.png", max_new_tokens=16) == [1, 1, 2, 0]
+    assert open(tmp_path / "summary.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_eval_command_line(tiny_with_tokenizer, tmp_path):
     import subprocess
     path, _ = tiny_with_tokenizer
@@ -1080,6 +1089,7 @@ def test_eval_command_line(tiny_with_tokenizer, tmp_path):
     assert "Avg@2" in result.stdout
     assert len(open(tmp_path / "out" / "samples.jsonl").readlines()) == 6
     assert json.load(open(tmp_path / "out" / "summary.json"))["n_problems"] == 3
+    assert open(tmp_path / "out" / "summary.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # two ranks (gloo) split the problems, each sampling with the seed it has in one process: the same samples
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "eval.py", f"--model={path}", f"--data={tmp_path / 'eval.jsonl'}", "--k", "2",

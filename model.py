@@ -367,29 +367,35 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LoRALinear(nn.Module):
     """
     A frozen Projection with an adapter of its own on each targeted part (as PEFT puts one on each HF projection).
-    The parts' A matrices read the same input, so they are stacked: x A^T is one matmul for all of them; their B
-    matrices are laid out block-diagonally, so the adapters' outputs are one more matmul, added to the base
-    projection's output inside that matmul (eager) or in the kernel that reads it (compiled). At batch 1 a decode
-    step is a chain of small launches, each a few microseconds, about what a projection's matrix-vector product
-    takes: an adapter with launches per part would cost as much again.
+    The parts' A matrices read the same input, so they are stacked: x A^T is one matmul for all of them (in the
+    sampler, the base projection's own, see weight_and_A); their B matrices are laid out block-diagonally, so the
+    adapters' outputs are one more matmul, added to the base projection's output inside that matmul (eager) or in
+    the kernel that reads it (compiled). At batch 1 a decode step is a chain of small launches, each a few
+    microseconds, about what a projection's matrix-vector product takes: an adapter with launches per part would
+    cost as much again.
     """
 
     def __init__(self, base, targets, rank, alpha):
         super().__init__()
-        self.weight = base.weight  # frozen base weight, shared, not copied
         self.parts = base.parts
         self.adapted = [(name, rows) for name, rows in part_rows(base.parts) if name in targets]
         self.rank, self.scaling, self.enabled = rank, alpha / rank, True
         self.adapter_rows = None  # (B, 1, 1): 1 on the rows that use the adapter, 0 on the rest; None: every row
-        device = base.weight.device
+        (n_out, n_in), n_adapter, device = base.weight.shape, len(self.adapted) * rank, base.weight.device
+        # the frozen base weight (out, D) and under its rows the sampler's copy of A in the weights' dtype (P r, D),
+        # refreshed by each generate call (sampling_adapters): a decode step gets x W^T and x A^T from one matmul,
+        # a launch fewer at each adapted projection, where the launches are most of a small batch's step
+        self.register_buffer("weight_and_A", torch.empty(n_out + n_adapter, n_in, dtype=base.weight.dtype,
+                                                         device=device), persistent=False)
+        with torch.no_grad():
+            self.weight_and_A[:n_out] = base.weight
+        self.weight = nn.Parameter(self.weight_and_A[:n_out], requires_grad=False)
         # fp32 adapters on bf16 weights: AdamW updates of a small B would round away if stored in bf16
-        self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, base.in_features, device=device))  # (P r, D)
+        self.lora_A = nn.Parameter(torch.empty(n_adapter, n_in, device=device))  # (P r, D)
         self.lora_B = nn.ParameterList(torch.zeros(rows.stop - rows.start, rank, device=device)
                                        for _, rows in self.adapted)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of each A: fan-in D all the same
-        # the sampler's copies of adapter_weights(), made once per generate call (see sampling_adapters)
-        self.sampling = False
-        self.register_buffer("sampling_A", None, persistent=False)
+        self.sampling = False  # in a generate call: A from weight_and_A, scaling * B from sampling_B
         self.register_buffer("sampling_B", None, persistent=False)
 
     def adapter_weights(self, dtype):
@@ -404,19 +410,23 @@ class LoRALinear(nn.Module):
         return self.lora_A.to(dtype), up
 
     def forward(self, x):
-        y = F.linear(x, self.weight)  # (B, T, out)
         if not self.enabled:
-            return y
-        A, up = (self.sampling_A, self.sampling_B) if self.sampling else self.adapter_weights(x.dtype)
-        down = F.linear(x, A)  # (B, T, P r)
+            return F.linear(x, self.weight)  # (B, T, out)
+        if self.sampling:  # [y, down] = x [W; A]^T, (B, T, out + P r)
+            y, down = F.linear(x, self.weight_and_A).split([self.weight.shape[0], self.lora_A.shape[0]], dim=-1)
+            up = self.sampling_B
+        else:
+            A, up = self.adapter_weights(x.dtype)
+            y, down = F.linear(x, self.weight), F.linear(x, A)  # (B, T, out), (B, T, P r)
         # y + adapter_rows * down up^T (B, T, out); adapter_rows (B, 1, 1), where set, is 0 on a teacher row, whose
         # output is then the base projection's, exactly. The zero blocks of up cost FLOPs, not launches: at r=64
         # they add 2.5% to a Qwen3-1.7B training pass's matmul FLOPs (1.2% to Qwen3-8B's)
         if torch.compiler.is_compiling():
             # compiled, the product is a matmul of its own and the add (and the rows' zero) fuse into the kernel
             # that reads y (a norm, RoPE, SwiGLU, the residual). Inductor would run addmm_ out of place, into a new
-            # buffer, and aten first copies y into it: a launch and a read and write of y more
-            product = F.linear(down, up)
+            # buffer, and aten first copies y into it: a launch and a read and write of y more. down as a matrix:
+            # the sampler's is a slice of [y, down], and linear would run a batch of products, reading up once a row
+            product = (down.flatten(0, -2) @ up.T).view(y.shape)
             return y + (product if self.adapter_rows is None else product * self.adapter_rows)
         if self.adapter_rows is not None:
             down = down * self.adapter_rows  # (B, T, P r): smaller than the input or the output
@@ -472,9 +482,9 @@ def sampling_adapters(model):
     with torch.no_grad():
         for _, m in lora_modules(model):
             A, up = m.adapter_weights(dtype)
-            if m.sampling_A is None:  # copies of their own: in fp32, A is lora_A itself
-                m.sampling_A, m.sampling_B = torch.empty_like(A), torch.empty_like(up)
-            m.sampling_A.copy_(A)
+            if m.sampling_B is None:
+                m.sampling_B = torch.empty_like(up)
+            m.weight_and_A[m.weight.shape[0]:].copy_(A)
             m.sampling_B.copy_(up)
     with lora_setting(model, "sampling", True, False):
         yield model

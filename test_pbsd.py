@@ -561,6 +561,41 @@ def test_compiled_lora_adds_its_product_in_the_next_kernel(tiny):
     assert (compiled[1] - base[1]).abs().max() <= 1e-5 * base.abs().max() < (compiled[0] - base[0]).abs().max()
 
 
+def test_sampler_reads_each_projection_and_its_A_in_one_matmul(tiny):
+    """
+    In the sampler an adapted projection is two matmuls, x [W; A]^T and then down (scaling B)^T, since its copy of
+    A sits under the base weight's rows; the base projection and x A^T apart made three. Counted eager (aten's
+    matmuls a decode step) and compiled (the decode block's code), the LoRA on every row and per row.
+    """
+    from torch._inductor.utils import run_and_get_code
+    from torch.utils._python_dispatch import TorchDispatchMode
+    path, _ = tiny
+    ours = M.load_qwen3(path, dtype=torch.float32)
+    for p in M.apply_lora(ours, rank=4, alpha=8):
+        torch.nn.init.normal_(p, std=0.1)
+    prompts = _prompts([5, 9, 2], seed=1)
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+               torch.ops.aten.bmm.default}
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in matmuls
+            return func(*args, **(kwargs or {}))
+
+    def matmuls_in(new_tokens, adapters):
+        with CountMatmuls() as counter:
+            M.generate(ours, prompts, new_tokens, temperature=0, adapters=adapters)
+        return counter.count
+    per_step = TINY["num_hidden_layers"] * 2 * 4 + 1  # per layer, two for each of q,k,v; o; gate,up; down; the head
+    for adapters in (None, [True, False, True]):
+        assert matmuls_in(12, adapters) - matmuls_in(4, adapters) == 8 * per_step  # eight decode steps more
+    _, code = run_and_get_code(M.generate, ours, prompts, 6, temperature=0, compile=True, adapters=adapters)
+    block = [source for source in code if "scaled_dot_product" in source]
+    assert len(block) == 1 and block[0].count("extern_kernels.mm(") == 2 * 4
+
+
 def test_sampler_with_lora_and_as_teacher(tiny):
     path, _ = tiny
     ours = M.load_qwen3(path, dtype=torch.float32)
@@ -1701,8 +1736,7 @@ def test_cuda_one_row_step_is_triton_reductions(tiny):
     ours = M.load_qwen3(path, device="cuda", dtype=torch.float32)
 
     def compiled_calls_cublas(prompts):
-        with torch._inductor.config.patch(force_disable_caches=True):  # code generated here, not loaded
-            compiled, code = run_and_get_code(M.generate, ours, prompts, 12, temperature=0, compile=True)
+        compiled, code = run_and_get_code(M.generate, ours, prompts, 12, temperature=0, compile=True)
         assert code and compiled == M.generate(ours, prompts, 12, temperature=0)
         return any(f"extern_kernels.{op}(" in source for source in code for op in ("mm", "addmm"))
     assert not compiled_calls_cublas(_prompts([11], seed=1))

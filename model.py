@@ -398,6 +398,13 @@ class LoRALinear(nn.Module):
         self.sampling = False  # in a generate call: A from weight_and_A, scaling * B from sampling_B
         self.register_buffer("sampling_B", None, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to() and its kin convert the parameter and the buffer apart, into two copies: the weight is made a view
+        # of the buffer's rows again, so the model holds its base weights once
+        super()._apply(fn, recurse)
+        self.weight.data = self.weight_and_A[:self.weight.shape[0]]
+        return self
+
     def adapter_weights(self, dtype):
         """
         A (P r, in) and scaling * B (out, P r) in dtype, differentiable: B block-diagonal, part p's B in p's rows

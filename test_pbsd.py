@@ -594,6 +594,11 @@ def test_sampler_reads_each_projection_and_its_A_in_one_matmul(tiny):
     _, code = run_and_get_code(M.generate, ours, prompts, 6, temperature=0, compile=True, adapters=adapters)
     block = [source for source in code if "scaled_dot_product" in source]
     assert len(block) == 1 and block[0].count("extern_kernels.mm(") == 2 * 4
+    # moved or cast, the base weight is still the buffer's first rows, not a second copy
+    down_proj = ours.layers[0].mlp.down_proj
+    expected = down_proj.weight.double()
+    ours.to(torch.float64)
+    assert down_proj.weight.data_ptr() == down_proj.weight_and_A.data_ptr() and torch.equal(down_proj.weight, expected)
 
 
 def test_sampler_with_lora_and_as_teacher(tiny):

@@ -110,7 +110,8 @@ def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf
     New tokens/s of the sampler (the model as it is) at each batch, GB/s and the share of the roofline it reaches,
     and transformers' generate at hf_batches over the first hf_new_tokens. transformers spends ~0.1 s a step on a
     GPU host and a step costs it more as its cache grows, so timing its first tokens only flatters it: the
-    speed-up is a lower bound.
+    speed-up is a lower bound. The first call's seconds, apart: it compiles the decode step (once a process for
+    each kind of step; with coordinate descent tuning at batch 1) and records its CUDA graphs.
     """
     config, dtype = model.config, model.embed_tokens.weight.dtype
     prompt_len, new_tokens = SAMPLER_PROMPT, SAMPLER_NEW
@@ -131,7 +132,8 @@ def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf
     for batch in batches:
         prompts = torch.randint(0, config.vocab_size, (batch, prompt_len)).tolist()
         run = lambda: qwen3.generate(model, prompts, new_tokens, temperature=1.0, seed=0, compile=CUDA)
-        seconds = timed(run, repeats=2 if batch <= 16 else 1)
+        first_call = timed(run, repeats=1, warmup=False)  # with the compilation and the graphs' recording
+        seconds = timed(run, repeats=2 if batch <= 16 else 1, warmup=False)
         tokens_per_second = batch * new_tokens / seconds
         # the least a decode step must read: every weight once and the keys/values written so far (the prompt
         # and, on average, half the new tokens)
@@ -148,14 +150,15 @@ def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf
                                                                  warmup=False)
         rows.append([batch, f"{tokens_per_second:,.0f}", f"{1e3 * seconds / new_tokens:.2f}", f"{gb_per_second:,.0f}",
                      fmt(100 * gb_per_second / (tb_per_s * 1e3), ".0f", "%"), fmt(hf_tokens_per_second, ",.0f"),
-                     fmt(tokens_per_second / hf_tokens_per_second, ".1f", "x")])
+                     fmt(tokens_per_second / hf_tokens_per_second, ".1f", "x"), f"{first_call:,.1f}"])
         print(f"[bench sampler] batch {batch}: {tokens_per_second:,.0f} tok/s, {rows[-1][4]} of roofline, "
               f"transformers {rows[-1][5]} tok/s", file=sys.stderr, flush=True)
     del hf
     print_table(f"sampler: {'Qwen3-1.7B shape, bf16' if CUDA else 'CPU shape, fp32'} on {device_name()}, "
                 f"{prompt_len} prompt + {new_tokens} new tokens (transformers: the first {hf_new_tokens}); "
                 f"GB/s of the weights + written KV read per step, against {fmt(tb_per_s, '.2f', ' TB/s')} (datasheet)",
-                ["batch", "new tok/s", "ms a step", "GB/s", "of roofline", "transformers tok/s", "speed-up"], rows)
+                ["batch", "new tok/s", "ms a step", "GB/s", "of roofline", "transformers tok/s", "speed-up",
+                 "first call s"], rows)
 
 
 def sampler_both_roles(model, batches=SAMPLER_BATCHES[:2]):

@@ -390,6 +390,7 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             self.weight_and_A[:n_out] = base.weight
         self.weight = nn.Parameter(self.weight_and_A[:n_out], requires_grad=False)
+        self.out_and_adapter = [n_out, n_adapter]  # how x [W; A]^T splits
         # fp32 adapters on bf16 weights: AdamW updates of a small B would round away if stored in bf16
         self.lora_A = nn.Parameter(torch.empty(n_adapter, n_in, device=device))  # (P r, D)
         self.lora_B = nn.ParameterList(torch.zeros(rows.stop - rows.start, rank, device=device)
@@ -402,7 +403,7 @@ class LoRALinear(nn.Module):
         # .to() and its kin convert the parameter and the buffer apart, into two copies: the weight is made a view
         # of the buffer's rows again, so the model holds its base weights once
         super()._apply(fn, recurse)
-        self.weight.data = self.weight_and_A[:self.weight.shape[0]]
+        self.weight.data = self.weight_and_A[:self.out_and_adapter[0]]
         return self
 
     def adapter_weights(self, dtype):
@@ -420,7 +421,7 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return F.linear(x, self.weight)  # (B, T, out)
         if self.sampling:  # [y, down] = x [W; A]^T, (B, T, out + P r)
-            y, down = F.linear(x, self.weight_and_A).split([self.weight.shape[0], self.lora_A.shape[0]], dim=-1)
+            y, down = F.linear(x, self.weight_and_A).split(self.out_and_adapter, dim=-1)
             up = self.sampling_B
         else:
             A, up = self.adapter_weights(x.dtype)
@@ -491,7 +492,7 @@ def sampling_adapters(model):
             A, up = m.adapter_weights(dtype)
             if m.sampling_B is None:
                 m.sampling_B = torch.empty_like(up)
-            m.weight_and_A[m.weight.shape[0]:].copy_(A)
+            m.weight_and_A[m.out_and_adapter[0]:].copy_(A)
             m.sampling_B.copy_(up)
     with lora_setting(model, "sampling", True, False):
         yield model

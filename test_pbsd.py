@@ -416,6 +416,11 @@ def test_compiled_sampler_equals_eager_and_compiles_once(tiny, monkeypatch):
         prompts = _prompts(lengths, seed=len(lengths))
         assert M.generate(ours, prompts, 20, seed=1, compile=True) == M.generate(ours, prompts, 20, seed=1)
     assert counters["stats"]["unique_graphs"] == 4
+    # one row: the step compiled apart, with coordinate descent tuning (its matrix-vector products as Triton
+    # reductions on a GPU; on the CPU the option changes no code)
+    prompts = _prompts([11], seed=3)
+    assert M.generate(ours, prompts, 20, seed=1, compile=True) == M.generate(ours, prompts, 20, seed=1)
+    assert M.compiled_step.cache_info().currsize == 2
 
 
 def _capturing_backend(graphs, **options):

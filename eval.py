@@ -99,8 +99,18 @@ def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, ma
     return summarize(results, k)
 
 
+def is_correct(reward):
+    """A sample counts as correct, for pass@k and the plot, at full reward."""
+    return reward >= 1.0
+
+
+def correct_counts(results):
+    """Per problem, how many of its samples are correct."""
+    return [sum(map(is_correct, result["rewards"])) for result in results]
+
+
 def summarize(results, k):
-    correct = [sum(r >= 1.0 for r in result["rewards"]) for result in results]
+    correct = correct_counts(results)
     lengths = [n for result in results for n in result["lengths"]]
     texts = [t for result in results for t in result["responses"]]
     n = max(len(results), 1)
@@ -155,7 +165,7 @@ def plot_summary(summary, png_path, max_new_tokens):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     k, results = summary["k"], summary["per_problem"]
-    correct = [sum(r >= 1.0 for r in result["rewards"]) for result in results]
+    correct = correct_counts(results)
     problems = [correct.count(c) for c in range(k + 1)]
     fig, (by_correct, by_length) = plt.subplots(1, 2, figsize=(11, 3.8))
     by_correct.bar(range(k + 1), problems, color="C0")
@@ -163,7 +173,7 @@ def plot_summary(summary, png_path, max_new_tokens):
     by_correct.set(xlabel=f"correct samples of {k}", ylabel="problems", xticks=range(k + 1),
                    title=f"Avg@{k} {summary['avg_at_k']:.3f}, pass@{k} {summary['pass_at_k']:.3f} "
                          f"({summary['n_problems']} problems)")
-    samples = [(n, r >= 1.0) for result in results for n, r in zip(result["lengths"], result["rewards"])]
+    samples = [(n, is_correct(r)) for result in results for n, r in zip(result["lengths"], result["rewards"])]
     bins = range(0, max_new_tokens + 2, max(1, (max_new_tokens + 1) // 40))
     by_length.hist([[n for n, right in samples if right], [n for n, right in samples if not right]], bins=bins,
                    stacked=True, color=["C2", "C3"], label=["right", "wrong"])

@@ -570,7 +570,7 @@ def test_sampler_reads_each_projection_and_its_A_in_one_matmul(tiny):
     """
     In the sampler an adapted projection is two matmuls, x [W; A]^T and then down (scaling B)^T, since its copy of
     A sits under the base weight's rows; the base projection and x A^T apart made three. Counted eager (aten's
-    matmuls a decode step) and compiled (the decode block's code), the LoRA on every row and per row.
+    matmuls a decode step, the LoRA on every row and per row) and compiled (the decode block's code, per row).
     """
     from torch._inductor.utils import run_and_get_code
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -596,7 +596,8 @@ def test_sampler_reads_each_projection_and_its_A_in_one_matmul(tiny):
     per_step = TINY["num_hidden_layers"] * 2 * 4 + 1  # per layer, two for each of q,k,v; o; gate,up; down; the head
     for adapters in (None, [True, False, True]):
         assert matmuls_in(12, adapters) - matmuls_in(4, adapters) == 8 * per_step  # eight decode steps more
-    _, code = run_and_get_code(M.generate, ours, prompts, 6, temperature=0, compile=True, adapters=adapters)
+    _, code = run_and_get_code(M.generate, ours, prompts, 6, temperature=0, compile=True,
+                               adapters=[True, False, True])
     block = [source for source in code if "scaled_dot_product" in source]
     assert len(block) == 1 and block[0].count("extern_kernels.mm(") == 2 * 4
     # moved or cast, the base weight is still the buffer's first rows, not a second copy

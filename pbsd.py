@@ -847,11 +847,11 @@ def setup_distributed():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
         return 0, 1, device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
+    if device.type == "cuda":  # before the process group, so that NCCL binds each rank to its own GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 

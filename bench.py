@@ -119,15 +119,16 @@ def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     tb_per_s = datasheet()[0]
     hf = None
-    try:
-        import transformers
-        shape = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        hf_config = transformers.Qwen3Config(**{**shape, "max_position_embeddings": prompt_len + new_tokens})
-        with torch.device(DEVICE):
-            hf = transformers.Qwen3ForCausalLM(hf_config).to(dtype).eval()
-        hf.load_state_dict(qwen3.hf_tensors(model), strict=False)  # tied: no lm_head.weight, HF ties it
-    except ImportError:
-        pass
+    if set(batches) & set(hf_batches):  # transformers' copy of the weights only where it is timed
+        try:
+            import transformers
+            shape = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+            hf_config = transformers.Qwen3Config(**{**shape, "max_position_embeddings": prompt_len + new_tokens})
+            with torch.device(DEVICE):
+                hf = transformers.Qwen3ForCausalLM(hf_config).to(dtype).eval()
+            hf.load_state_dict(qwen3.hf_tensors(model), strict=False)  # tied: no lm_head.weight, HF ties it
+        except ImportError:
+            pass
     rows = []
     for batch in batches:
         prompts = torch.randint(0, config.vocab_size, (batch, prompt_len)).tolist()

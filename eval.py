@@ -188,6 +188,64 @@ def plot_summary(summary, png_path, max_new_tokens):
     return problems
 
 
+# The run's plot: held-out accuracy, then every per-step diagnostic the loop logs that this run has (PBSD's
+# margins, OPSD's KL estimate, ...), each as its raw values and a 10-step running mean.
+CURVES = (("training rewards", "mean", (("student_reward", "student rollouts"), ("teacher_reward", "teacher rollouts"),
+                                        ("label", "PBSD label z"))),
+          ("loss", "loss", (("loss", "loss"),)),
+          ("PBSD margin", "m = beta (s(y+) - s(y-)), mean", (("margin", "margin"),)),
+          ("student tokens", "nats per token", (("student_entropy", "entropy"),
+                                               ("kl_estimate", "KL(student || teacher) estimate"))),
+          ("response lengths", "tokens", (("student_length", "student"), ("teacher_length", "teacher"),
+                                          ("response_length", "reference (SFT)"))),
+          ("cut at max_new_tokens", "share of rollouts", (("student_truncated", "student"),
+                                                          ("teacher_truncated", "teacher"))),
+          ("uncertainty words", "per 1K student tokens", (("uncertainty_per_1k", "wait, hmm, perhaps, ..."),)),
+          ("step time", "seconds", (("generation_seconds", "generation"), ("train_seconds", "training"))),
+          ("GPU memory", "GB, the step's peak on the fullest rank", (("peak_memory_gb", "allocated"),)))
+
+def plot_run(metrics_path, png_path):
+    """Draws metrics.jsonl as png_path: a panel per curve with values, held-out accuracy first. Returns the titles."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    evals, train = [r for r in rows if "eval_avg_at_k" in r], [r for r in rows if "loss" in r]
+    curves = [(title, ylabel, [(key, label) for key, label in lines if any(key in r for r in train)])
+              for title, ylabel, lines in CURVES]
+    curves = [curve for curve in curves if curve[2]]
+    titles = ["held-out accuracy"] * bool(evals) + [title for title, _, _ in curves]
+    if not titles:
+        return titles
+    n_panels = len(titles)
+    n_columns = min(n_panels, 3)
+    n_lines = -(-n_panels // n_columns)
+    fig, axes = plt.subplots(n_lines, n_columns, figsize=(5 * n_columns, 3.6 * n_lines), squeeze=False)
+    panels = iter(axes.flat)
+    if evals:
+        ax = next(panels)
+        ax.plot([r["step"] for r in evals], [r["eval_avg_at_k"] for r in evals], "o-", label="student (held out)")
+        teacher = [r["teacher_avg_at_k"] for r in evals if "teacher_avg_at_k" in r]
+        if teacher:
+            ax.axhline(teacher[0], color="gray", ls="--", label="frozen teacher (with solution)")
+        ax.set(xlabel="step", ylabel=f"Avg@{evals[0]['eval_k']}", title="held-out accuracy", ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+    for (title, ylabel, lines), ax in zip(curves, panels):
+        for color, (key, label) in enumerate(lines):
+            points = [(r["step"], r[key]) for r in train if key in r]
+            steps, values = zip(*points)
+            mean = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
+            ax.plot(steps, values, color=f"C{color}", alpha=0.25, lw=0.8)
+            ax.plot(steps, mean, color=f"C{color}", label=label)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+    for ax in panels:  # the grid's empty cells
+        ax.axis("off")
+    fig.tight_layout()
+    qwen3.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return titles
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF Qwen3 checkpoint folder")

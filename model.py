@@ -1,13 +1,7 @@
 """
-Qwen3, written by hand: the model, its loader for HF checkpoint folders, in-place LoRA,
-and a batched KV-cache sampler. One set of weights plays both roles of self-distillation:
-the student is the model with its LoRA adapters on, the teacher is the same model with
-them off (`adapters_off`), so the teacher never costs a second copy of the weights, and the sampler can
-draw both roles' rollouts in one batch, switching the adapters per row (`adapters_on_rows`).
-
-The architecture follows transformers' Qwen3 exactly (the tests compare logits):
-pre-norm blocks, RMSNorm computed in fp32, per-head RMSNorm on q and k before
-rotate-half RoPE, grouped-query attention, SwiGLU MLP, no biases.
+Qwen3 by hand (transformers' architecture exactly: the tests compare logits), its HF checkpoint loader, in-place
+LoRA and a batched KV-cache sampler. The student is the model with its LoRA on, the teacher the same weights with
+it off (`adapters_off`); the sampler draws both roles' rows in one batch (`adapters_on_rows`).
 """
 
 import functools
@@ -15,8 +9,7 @@ import itertools
 import json
 import math
 import os
-import weakref
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -50,20 +43,17 @@ class Qwen3Config:
     def from_json(cls, path):
         """Reads an HF config.json, in the rope_theta layout and in transformers v5's rope_parameters."""
         try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no config.json in the checkpoint folder") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            raw = json.load(open(path))
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            missing = isinstance(e, FileNotFoundError)
+            raise CheckpointError(f"{path}: " + ("no config.json in the checkpoint folder" if missing else
+                                                 f"not valid JSON ({e})")) from None
         if raw.get("model_type") != "qwen3":
             raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'qwen3'")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (only 'default')")
-        if "rope_theta" in rope:
-            raw["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise CheckpointError(f"{path}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        raw["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta"))
         for key in ("attention_bias", "use_sliding_window"):
             if raw.get(key):
                 raise CheckpointError(f"{path}: {key}=true is not part of the Qwen3 this project implements")
@@ -96,10 +86,10 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta, dtype):
-    """positions (B, T) int -> cos, sin (B, 1, T, head_dim), computed in fp32 then cast."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
+def rope_cos_sin(position, head_dim, theta, dtype):
+    """position (B, T) int -> cos, sin (B, 1, T, head_dim), computed in fp32 then cast."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position.device, dtype=torch.float) / head_dim))
+    freqs = position[..., None].float() * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -110,23 +100,12 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def part_rows(parts):
-    """[(name, size), ...] -> [(name, the slice of rows it holds), ...], stacked in order."""
-    starts = [0, *itertools.accumulate(size for _, size in parts)]
-    return [(name, slice(start, start + size)) for (name, size), start in zip(parts, starts)]
-
-
 class Projection(nn.Linear):
-    """
-    A bias-free linear that holds one or more of the checkpoint's projections of the same input, stacked by rows
-    (q, k, v; gate, up), so that they cost one matmul: at batch 1 a decode step is a chain of matrix-vector
-    products whose speed is the memory bandwidth, and one big one streams closer to it than three small ones.
-    parts: the HF names and output sizes, in row order; the loader and the adapters go by them.
-    """
-
-    def __init__(self, in_features, parts, device=None):
-        super().__init__(in_features, sum(size for _, size in parts), bias=False, device=device)
-        self.parts = parts
+    # the checkpoint's projections of one input stacked by rows (q, k, v; gate, up), so they cost one matmul
+    def __init__(self, in_features, sizes, device=None):  # sizes: {HF name: output size}, in row order
+        super().__init__(in_features, sum(sizes.values()), bias=False, device=device)
+        starts = itertools.accumulate(sizes.values(), initial=0)
+        self.parts = [(name, slice(start, start + size)) for (name, size), start in zip(sizes.items(), starts)]
 
 
 class Attention(nn.Module):
@@ -135,42 +114,29 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                       config.head_dim)
         self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
-        self.qkv_proj = Projection(config.hidden_size, list(zip(("q_proj", "k_proj", "v_proj"), self.sizes)))
-        self.o_proj = Projection(self.n_head * self.head_dim, [("o_proj", config.hidden_size)])
+        self.qkv_proj = Projection(config.hidden_size, dict(zip(("q_proj", "k_proj", "v_proj"), self.sizes)))
+        self.o_proj = Projection(self.n_head * self.head_dim, {"o_proj": config.hidden_size})
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, position=None):
+    def forward(self, x, cos, sin, position, cache=None, mask=None):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if position is not None:
-            # a decode step: row b writes its keys and values at the slot of its own position (B, 1), and the rows
-            # of each segment attend the segment's window, the first W cache slots (W = the width of its mask, which
-            # hides the slots past a row's position). The H/Hkv query heads that share a KV head become that head's
-            # queries, so each KV slot is read once: (B, H, 1, hd) -> (B, Hkv, H/Hkv, hd), head h = kv_head * H/Hkv
-            # + g as in repeat_kv.
-            k_cache, v_cache = cache  # (B, Hkv, S, hd) each, written in place
-            # an indexed assignment, not scatter_: compiled, scatter_ copies the whole cache and back to write one
-            # slot (Inductor writes index_put_ in place, not scatter_)
-            rows, slot = torch.arange(B, device=x.device), position[:, 0]
-            k_cache[rows, :, slot] = k[:, :, 0]  # (B, Hkv, hd) into row b's slot position[b]
-            v_cache[rows, :, slot] = v[:, :, 0]
-            grouped = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
-            ys, start = [], 0
-            for segment_mask in mask:  # (rows, 1, 1, W) each, the segments' rows in order
-                rows, window = slice(start, start + segment_mask.shape[0]), segment_mask.shape[-1]
-                ys.append(F.scaled_dot_product_attention(grouped[rows], k_cache[rows, :, :window],
-                                                         v_cache[rows, :, :window], attn_mask=segment_mask))
-                start = rows.stop
-            return self.o_proj(torch.cat(ys).reshape(B, 1, self.n_head * self.head_dim))
-        if cache is not None:  # a prefill writes its keys and values at the slots of their positions, 0 to T-1
-            k_cache, v_cache = cache
-            k_cache[:, :, :T] = k
-            v_cache[:, :, :T] = v
+        if cache is not None:  # the sampler: each token's keys and values go to the cache slot of its position
+            k_cache, v_cache = cache  # (B, Hkv, S, hd) each
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1), against position (B, T)
+            k_cache[rows, :, position] = k.transpose(1, 2)  # an indexed write, which compiles in place
+            v_cache[rows, :, position] = v.transpose(1, 2)
+        if mask is not None:  # a decode step attends the first W cache slots; mask (B, 1, 1, W) hides the later ones
+            # the H/Hkv query heads that share a KV head become its queries, so each slot is read once
+            q = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)  # (B, Hkv, H/Hkv, hd)
+            y = F.scaled_dot_product_attention(q, k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]],
+                                               attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, self.n_head * self.head_dim))
         # causal, so a right-padded batch needs no mask: padding comes after every real token of its row
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -179,9 +145,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_up_proj = Projection(config.hidden_size, [("gate_proj", config.intermediate_size),
-                                                            ("up_proj", config.intermediate_size)])
-        self.down_proj = Projection(config.intermediate_size, [("down_proj", config.hidden_size)])
+        self.gate_up_proj = Projection(config.hidden_size, {"gate_proj": config.intermediate_size,
+                                                            "up_proj": config.intermediate_size})
+        self.down_proj = Projection(config.intermediate_size, {"down_proj": config.hidden_size})
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -196,8 +162,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None, position=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, position)
+    def forward(self, x, cos, sin, position, cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -213,58 +179,30 @@ class Qwen3(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward: activations of one block, not all
-        self.run_block = run_block  # how the passes over whole sequences run a block; see compile_blocks
 
     @property
-    def lm_head_weight(self):
-        """(V, D): the output matrix, which is the embedding when tied."""
+    def lm_head_weight(self):  # (V, D): the embedding when tied
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden):
         return hidden @ self.lm_head_weight.T  # (..., V)
 
-    def forward(self, input_ids, caches=None):
-        """
-        input_ids (B, T) -> final-norm hidden states (B, T, D), causal; rows may be right-padded. caches: the
-        sampler's prefill, one (k, v) cache per layer, whose slots 0 to T-1 get the tokens' keys and values (the
-        decode steps run the blocks themselves, see decode_step).
-        """
+    def forward(self, input_ids, position=None, caches=None, mask=None):
+        """input_ids (B, T) -> final-norm hidden states (B, T, D), causal; rows may be right-padded. The sampler
+        passes each token's position (B, T), one (k, v) cache per layer and, decoding, the slots' mask."""
         B, T = input_ids.shape
-        position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        position = torch.arange(T, device=input_ids.device).expand(B, T) if position is None else position
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            if caches is not None:
-                x = layer(x, cos, sin, None, caches[i])
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, position, use_reentrant=False)
             else:
-                x = self.run_block(layer, x, cos, sin, self.gradient_checkpointing and torch.is_grad_enabled())
+                x = layer(x, cos, sin, position, None if caches is None else caches[i], mask)
         return self.norm(x)
 
 
-def run_block(layer, x, cos, sin, recompute):
-    """
-    A block of the passes over whole sequences. recompute (gradient checkpointing): keep only the block's inputs for
-    backward, and run its forward again there. compile_blocks compiles this function, the checkpoint with the block,
-    so the forward graph writes the block's output alone and the recomputation is part of the backward graph. A
-    checkpoint around the compiled block would run a forward graph that writes all that backward reads, to drop it
-    (at Qwen3-1.7B with LoRA, 73 KB a token a block against the 4.6 KB of the inputs).
-    """
-    if recompute:
-        return torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, use_reentrant=False)
-    return layer(x, cos, sin, None)
-
-
-def compile_blocks(model):
-    """
-    torch.compiles the blocks of the passes over whole sequences (scoring and training). Eager, a block's
-    elementwise work (the fp32 RMSNorms, RoPE, SwiGLU, residuals; in forward, recomputation and backward) moves
-    2.1 MB per token through memory at the Qwen3-1.7B shape with LoRA, against 330 MFLOP of matmuls (counted op
-    by op): at an H100's datasheet rates, 0.63 us of memory traffic against 0.34 us of matmul. Compiled, it fuses
-    into a few passes. One compilation serves every layer and sequence length; grad mode, checkpointing and the
-    adapters' switch are a few variants more.
-    """
-    model.run_block = torch.compile(run_block, dynamic=True)
-    return model
+# Loading and saving HF checkpoint folders.
 
 
 def hf_key(name):
@@ -275,38 +213,33 @@ def hf_tensors(model):
     """HF checkpoint key -> the tensor of ours that holds it: a parameter, or rows of a stacked projection."""
     tensors = {}
     for name, p in model.named_parameters():
-        if "lora_" in name:
-            continue
         owner_name = name.rsplit(".", 1)[0]
-        owner = model.get_submodule(owner_name)
-        if isinstance(owner, (Projection, LoRALinear)):
+        parts = getattr(model.get_submodule(owner_name), "parts", None)
+        if parts and "lora_" not in name:  # a stacked projection: each part's rows under its own HF name
             parent = owner_name.rsplit(".", 1)[0]
-            for part, rows in part_rows(owner.parts):
-                tensors[hf_key(f"{parent}.{part}.weight")] = p[rows]
-        else:
+            tensors.update({hf_key(f"{parent}.{part}.weight"): p[rows] for part, rows in parts})
+        elif not parts:
             tensors[hf_key(name)] = p
     return tensors
 
 
-def _safetensors_files(path):
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index_path}: not a safetensors index ({e!r})") from None
-        shards = sorted(set(weight_map.values()))
-        for shard in shards:
-            if not os.path.exists(os.path.join(path, shard)):
-                raise CheckpointError(f"{index_path}: names shard {shard!r}, which is not in {path}")
-        return [os.path.join(path, s) for s in shards]
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-    return [single]
+def safetensors_files(path):
+    index_path, single = (os.path.join(path, name) for name in ("model.safetensors.index.json", "model.safetensors"))
+    if not os.path.exists(index_path):
+        if not os.path.exists(single):
+            raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+        return [single]
+    try:
+        shards = sorted(set(json.load(open(index_path))["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index_path}: not a safetensors index ({e!r})") from None
+    absent = [shard for shard in shards if not os.path.exists(os.path.join(path, shard))]
+    if absent:
+        raise CheckpointError(f"{index_path}: names shard {absent[0]!r}, which is not in {path}")
+    return [os.path.join(path, s) for s in shards]
 
 
+@torch.no_grad()
 def load_qwen3(path, device="cpu", dtype=torch.bfloat16):
     """Builds Qwen3 from an HF checkpoint folder, streaming one tensor at a time into preallocated weights."""
     if not os.path.isdir(path):
@@ -317,7 +250,7 @@ def load_qwen3(path, device="cpu", dtype=torch.bfloat16):
     model = model.to_empty(device=device)  # allocates one copy of the weights, in dtype, uninitialised
     expected = hf_tensors(model)
     seen = set()
-    for file in _safetensors_files(path):
+    for file in safetensors_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
@@ -329,8 +262,7 @@ def load_qwen3(path, device="cpu", dtype=torch.bfloat16):
                     if tensor.shape != expected[key].shape:
                         raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                               f"config.json implies {tuple(expected[key].shape)}")
-                    with torch.no_grad():
-                        expected[key].copy_(tensor)
+                    expected[key].copy_(tensor)
                     seen.add(key)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
@@ -365,81 +297,36 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(nn.Module):
-    """
-    A frozen Projection with an adapter of its own on each targeted part (as PEFT puts one on each HF projection).
-    The parts' A matrices read the same input, so they are stacked: x A^T is one matmul for all of them (in the
-    sampler, the base projection's own, see weight_and_A); their B matrices are laid out block-diagonally, so the
-    adapters' outputs are one more matmul, added to the base projection's output inside that matmul (eager) or in
-    the kernel that reads it (compiled). At batch 1 a decode step is a chain of small launches, each a few
-    microseconds, about what a projection's matrix-vector product takes: an adapter with launches per part would
-    cost as much again.
-    """
+    """A frozen Projection with an adapter on each targeted part, as PEFT has one on each HF projection: the
+    parts' A stacked (x A^T is one matmul), their B laid out block-diagonally (one matmul more)."""
 
     def __init__(self, base, targets, rank, alpha):
         super().__init__()
         self.parts = base.parts
-        self.adapted = [(name, rows) for name, rows in part_rows(base.parts) if name in targets]
+        self.adapted = [(name, rows) for name, rows in base.parts if name in targets]
         self.rank, self.scaling, self.enabled = rank, alpha / rank, True
         self.adapter_rows = None  # (B, 1, 1): 1 on the rows that use the adapter, 0 on the rest; None: every row
-        (n_out, n_in), n_adapter, device = base.weight.shape, len(self.adapted) * rank, base.weight.device
-        # the frozen base weight (out, D) and under its rows the sampler's copy of A in the weights' dtype (P r, D),
-        # refreshed by each generate call (sampling_adapters): a decode step gets x W^T and x A^T from one matmul,
-        # a launch fewer at each adapted projection, where the launches are most of a small batch's step
-        self.register_buffer("weight_and_A", torch.empty(n_out + n_adapter, n_in, dtype=base.weight.dtype,
-                                                         device=device), persistent=False)
-        with torch.no_grad():
-            self.weight_and_A[:n_out] = base.weight
-        self.weight = nn.Parameter(self.weight_and_A[:n_out], requires_grad=False)
-        self.out_and_adapter = [n_out, n_adapter]  # how x [W; A]^T splits
+        self.weight = base.weight  # (out, D), frozen
         # fp32 adapters on bf16 weights: AdamW updates of a small B would round away if stored in bf16
-        self.lora_A = nn.Parameter(torch.empty(n_adapter, n_in, device=device))  # (P r, D)
-        self.lora_B = nn.ParameterList(torch.zeros(rows.stop - rows.start, rank, device=device)
+        self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, base.in_features,
+                                               device=base.weight.device))  # (P r, D)
+        self.lora_B = nn.ParameterList(torch.zeros(rows.stop - rows.start, rank, device=base.weight.device)
                                        for _, rows in self.adapted)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of each A: fan-in D all the same
-        self.sampling = False  # in a generate call: A from weight_and_A, scaling * B from sampling_B
-        self.register_buffer("sampling_B", None, persistent=False)
 
-    def _apply(self, fn, recurse=True):
-        # .to() and its kin convert the parameter and the buffer apart, into two copies: the weight is made a view
-        # of the buffer's rows again, so the model holds its base weights once
-        super()._apply(fn, recurse)
-        self.weight.data = self.weight_and_A[:self.out_and_adapter[0]]
-        return self
-
-    def adapter_weights(self, dtype):
-        """
-        A (P r, in) and scaling * B (out, P r) in dtype, differentiable: B block-diagonal, part p's B in p's rows
-        and p's r columns, zero rows for the parts without an adapter.
-        """
-        up = torch.zeros(self.weight.shape[0], len(self.adapted) * self.rank, dtype=dtype, device=self.weight.device)
+    def forward(self, x):
+        y = F.linear(x, self.weight)  # (B, T, out)
+        if not self.enabled:
+            return y
+        # scaling * B, block-diagonal (out, P r): part p's B in p's rows and p's r columns, zero rows elsewhere
+        up = torch.zeros(self.weight.shape[0], self.lora_A.shape[0], dtype=x.dtype, device=x.device)
         for i, ((_, rows), lora_B) in enumerate(zip(self.adapted, self.lora_B)):
             up[rows, i * self.rank:(i + 1) * self.rank] = self.scaling * lora_B
         # in the activation dtype, as autocast would: fp32 matmuls run at a fraction of the bf16 rate
-        return self.lora_A.to(dtype), up
-
-    def forward(self, x):
-        if not self.enabled:
-            return F.linear(x, self.weight)  # (B, T, out)
-        if self.sampling:  # [y, down] = x [W; A]^T, (B, T, out + P r)
-            y, down = F.linear(x, self.weight_and_A).split(self.out_and_adapter, dim=-1)
-            up = self.sampling_B
-        else:
-            A, up = self.adapter_weights(x.dtype)
-            y, down = F.linear(x, self.weight), F.linear(x, A)  # (B, T, out), (B, T, P r)
-        # y + adapter_rows * down up^T (B, T, out); adapter_rows (B, 1, 1), where set, is 0 on a teacher row, whose
-        # output is then the base projection's, exactly. The zero blocks of up cost FLOPs, not launches: at r=64
-        # they add 2.5% to a Qwen3-1.7B training pass's matmul FLOPs (1.2% to Qwen3-8B's)
-        if torch.compiler.is_compiling():
-            # compiled, the product is a matmul of its own and the add (and the rows' zero) fuse into the kernel
-            # that reads y (a norm, RoPE, SwiGLU, the residual). Inductor would run addmm_ out of place, into a new
-            # buffer, and aten first copies y into it: a launch and a read and write of y more. down as a matrix:
-            # the sampler's is a slice of [y, down], and linear would run a batch of products, reading up once a row
-            product = (down.flatten(0, -2) @ up.T).view(y.shape)
-            return y + (product if self.adapter_rows is None else product * self.adapter_rows)
+        down = F.linear(x, self.lora_A.to(x.dtype))  # (B, T, P r)
         if self.adapter_rows is not None:
-            down = down * self.adapter_rows  # (B, T, P r): smaller than the input or the output
-        y.flatten(0, -2).addmm_(down.flatten(0, -2), up.T)  # eager, in place inside the matmul (beta = 1)
-        return y
+            down = down * self.adapter_rows  # 0 on a teacher's row, whose output is then the base projection's
+        return y + down @ up.T  # (B, T, out)
 
 
 def lora_modules(model):
@@ -473,37 +360,13 @@ def lora_setting(model, name, value, restored):
             setattr(m, name, restored)
 
 
-def adapters_off(model):
-    """The teacher: the frozen base model, through the same weights, with no copy."""
+def adapters_off(model):  # the teacher: the frozen base model, through the same weights
     return lora_setting(model, "enabled", False, True)
 
 
-@contextmanager
-def sampling_adapters(model):
-    """
-    For generate: every adapter's weights cast and laid out once for the call instead of once a decode step (for
-    Qwen3-1.7B at r=64 the fp32 adapters are 279 MB a step to read and cast, 8% of the bf16 weights, and a few
-    launches per projection). The copies stay allocated from call to call, so that a recorded CUDA graph finds them
-    where it read them; each call refreshes them from the parameters the optimizer has updated since.
-    """
-    dtype = model.embed_tokens.weight.dtype
-    with torch.no_grad():
-        for _, m in lora_modules(model):
-            A, up = m.adapter_weights(dtype)
-            if m.sampling_B is None:
-                m.sampling_B = torch.empty_like(up)
-            m.weight_and_A[m.out_and_adapter[0]:].copy_(A)
-            m.sampling_B.copy_(up)
-    with lora_setting(model, "sampling", True, False):
-        yield model
-
-
+# Both roles in one batch: adapter_rows (B, 1, 1) is 1 on the student's rows and 0 on the teacher's. A small
+# batch's forward costs what reading the weights costs, so two roles sampled together cost about one alone.
 def adapters_on_rows(model, adapter_rows):
-    """
-    Both roles in one batch: adapter_rows (B, 1, 1) is 1 on the student's rows (adapters on) and 0 on the
-    teacher's (off). At small batches a forward costs what reading the weights costs, so the two roles
-    sampled together cost about one of them sampled alone.
-    """
     return lora_setting(model, "adapter_rows", adapter_rows, None)
 
 
@@ -515,25 +378,20 @@ def merge_lora(model):
         weight = m.weight.float()
         for (_, rows), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
             weight[rows] += m.scaling * (lora_B @ lora_A)
-        projection = Projection(m.weight.shape[1], m.parts, device="meta")
+        projection = Projection(m.weight.shape[1], {part: r.stop - r.start for part, r in m.parts}, device="meta")
         projection.weight = nn.Parameter(weight.to(m.weight.dtype), requires_grad=False)
         setattr(parent, name.rsplit(".", 1)[1], projection)
     return model
-
-
-def peft_key(name, part):
-    # PEFT wraps the HF model twice: base_model (LoraModel) . model (Qwen3ForCausalLM) . model (Qwen3Model)
-    return f"base_model.model.{hf_key(name)}.{part}.weight"
 
 
 def peft_tensors(model):
     """PEFT adapter key -> the tensor of ours that holds it: a B, or the rows of a stacked A."""
     tensors = {}
     for name, m in lora_modules(model):
-        parent = name.rsplit(".", 1)[0]
         for (part, _), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
-            tensors[peft_key(f"{parent}.{part}", "lora_A")] = lora_A
-            tensors[peft_key(f"{parent}.{part}", "lora_B")] = lora_B
+            # PEFT wraps the HF model twice: base_model (LoraModel) . model (Qwen3ForCausalLM) . model (Qwen3Model)
+            key = "base_model.model." + hf_key(f"{name.rsplit('.', 1)[0]}.{part}")
+            tensors.update({f"{key}.lora_A.weight": lora_A, f"{key}.lora_B.weight": lora_B})
     return tensors
 
 
@@ -551,12 +409,12 @@ def save_lora(model, path, base_model_name_or_path=""):
                  lambda tmp: json.dump(adapter_config, open(tmp, "w"), indent=2))
 
 
+@torch.no_grad()
 def load_lora(model, path):
     """Reads a PEFT adapter into the model, applying LoRA first if the model has none."""
     config_path = os.path.join(path, "adapter_config.json")
     try:
-        with open(config_path) as f:
-            adapter_config = json.load(f)
+        adapter_config = json.load(open(config_path))
     except (FileNotFoundError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: cannot read the adapter config ({e})") from None
     if not lora_modules(model):
@@ -568,52 +426,26 @@ def load_lora(model, path):
             for key, tensor in peft_tensors(model).items():
                 if key not in stored:
                     raise CheckpointError(f"{weights_path}: missing tensor {key!r}")
-                with torch.no_grad():
-                    tensor.copy_(f.get_tensor(key))
+                tensor.copy_(f.get_tensor(key))
     except (SafetensorError, FileNotFoundError) as e:
         raise CheckpointError(f"{weights_path}: cannot read the adapter ({e})") from None
     return model
 
 
-# The sampler. The KV cache is preallocated for prompt + new tokens, and a token's keys and values sit at the slot
-# of its position, so each row is laid out as if it ran alone and a prompt gives the same tokens in a batch as
-# alone. Prompts are right-padded: the prefill is causal with no mask (padding comes after a row's real tokens, so
-# attention runs its fused kernel, in memory linear in the prompt length) and every row then writes its own next
-# slot. A decode step reads every weight and the cache slots it attends; to not read the unwritten tail of the
-# cache, it attends a window of the first W slots, W rounded up to WINDOW, masking the slots past each row's
-# position, so a step has one of a few shapes (each compiled graph and CUDA graph serves many steps).
-#
-# The loop's calls put short prompts before long ones: the student's, then the teacher's, which carry a reference
-# solution. In one window sized for the teacher's prompts, a student row would read as many slots of padding from
-# the cache at every step; at batch 64 with 2K-token windows the cache, not the weights, is most of what a step
-# reads. So a call is cut into at most two segments of consecutive prompts, each padded to its own longest prompt
-# and attending its own window. A second segment costs every layer a second attention launch, about 10 us on an
-# H100 (the 753cb6d profile: 14 us a layer at batch 1), what reading one layer's keys and values costs at 8K slots
-# (4 KB a slot at Qwen3's 8 KV heads of 128 in bf16, at 3.35 TB/s): hence the cut only where it saves that many
-# row-slots.
-
+# The sampler: a prefill, a decode step, and the loop over it. The KV cache is preallocated, and a token's keys
+# and values sit at the slot of its position, so each row is laid out as if it ran alone. A decode step attends
+# the first W slots, W rounded up to WINDOW: it skips the cache's unwritten tail and has one of a few shapes.
 WINDOW = 256
-SEGMENT_MIN_SAVING = 8192
 
-# Rows stop at different lengths (one after 300 tokens, another cut at 2K), and a finished row would still be fed,
-# attend its window and read its slots at every step. So every 32 steps (when the sampler looks at which rows are
-# done anyway) the rows still sampling move to the front of their segment, and the steps after run only those:
-# each segment keeps a multiple of COMPACT_ROWS rows (finished rows fill the rounding), so a call sees few batch
-# shapes, each recorded once as a CUDA graph. A row's noise follows its key, not its place: moving rows changes no
-# token.
-COMPACT_ROWS = 8
-
-# Sampling noise is counter-based: the Exp(1) draw for token id v at step t of a row is splitmix64 output number
-# t * V + v + 1 of the stream that the row's key seeds. A row draws the same noise whatever else shares its batch
-# (a rollout depends on its key only, not on its company or the batch size), and the draw is computed inside the
-# compiled decode step. Torch's int64 arithmetic wraps around, as splitmix64's unsigned arithmetic does; its >> is
-# arithmetic, so the logical shifts mask the sign bits away.
+# Sampling noise is counter-based, so a row draws the same noise whatever shares its batch: the Exp(1) draw for
+# token v at position t is splitmix64 output number t * V + v + 1 from the row's key. Torch's int64 arithmetic
+# wraps around as splitmix64's unsigned one does; its >> is arithmetic, so shift_right masks the sign bits away.
 GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # the 64-bit constants as int64
 MIX_1 = 0xBF58476D1CE4E5B9 - 2**64
 MIX_2 = 0x94D049BB133111EB - 2**64
 
 
-def shift_right(z, bits):
+def shift_right(z, bits):  # a logical shift
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
@@ -624,30 +456,24 @@ def mix64(z):
     return z ^ shift_right(z, 31)
 
 
-def as_int64(n):
-    return (n + 2**63) % 2**64 - 2**63
+def sub_seed(seed, index):  # the key of seed's index-th child: splitmix64 output number index + 1 from seed
+    return mix64(torch.tensor((seed + (index + 1) * GOLDEN + 2**63) % 2**64 - 2**63)).item()
 
 
-def sub_seed(seed, index):
-    """Output number index + 1 of the splitmix64 stream seeded with seed: a key for the index-th child of seed."""
-    return mix64(torch.tensor(as_int64(seed + (index + 1) * GOLDEN))).item()
-
-
-def child_seeds(seed, count):
-    """The keys of seed's first count children: what an int seed gives the prompts (or problems) 0..count-1."""
+def child_seeds(seed, count):  # what one seed gives the prompts (or problems) 0 .. count-1
     return [sub_seed(seed, index) for index in range(count)]
 
 
-def exponential_noise(row_key, step, vocab_size):
-    """row_key (B,) int64, step (1,) int64 -> (B, V) fp32 Exp(1) draws, the row's stream at step * V + id + 1."""
-    counter = step * vocab_size + torch.arange(1, vocab_size + 1, device=row_key.device)  # (V,)
+def exponential_noise(row_key, position, vocab_size):
+    """row_key (B,) int64, position (B, 1) int64 -> (B, V) fp32 Exp(1) draws, the row's stream at t * V + v + 1."""
+    counter = position * vocab_size + torch.arange(1, vocab_size + 1, device=row_key.device)  # (B, V)
     bits = mix64(row_key[:, None] + counter * GOLDEN)  # (B, V)
     uniform = (shift_right(bits, 11).double() + 0.5) * 2.0**-53  # the top 53 bits, in (0, 1)
     return (-uniform.log()).float()
 
 
-def sample_token(logits, noise, temperature, top_k, top_p):
-    """logits (B, V) fp32, noise (B, V) ~ Exp(1) (None when greedy) -> (B,) token ids; temperature 0 is greedy."""
+def sample_token(logits, row_key, position, temperature, top_k, top_p):
+    """logits (B, V) fp32 -> (B,) the token each row draws for its position (B, 1); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -660,312 +486,65 @@ def sample_token(logits, noise, temperature, top_k, top_p):
         # drop a token when the tokens ranked above it already cover top_p; the top token always stays
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    probs = logits.softmax(-1)  # (B, V)
     # the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p, with no host sync
-    return (probs / noise).argmax(-1)
+    return (probs / exponential_noise(row_key, position, logits.shape[-1])).argmax(-1)
 
 
-class DecodeState(NamedTuple):
-    """
-    Everything a decode step reads and writes besides the weights and the KV cache. With CUDA graphs it is
-    allocated once per call shape and reused by every call of that shape: a graph replays on the addresses it
-    recorded.
-    """
-    token: torch.Tensor  # (B, 1) the last sampled token, fed to the next step
-    position: torch.Tensor  # (B, 1) its position, the tokens before it; also the cache slot its keys and values take
-    column: torch.Tensor  # (1,) the column of new_tokens the next sampled token goes to
-    row_key: torch.Tensor  # (B,) int64, each row's sampling noise key
-    eos: torch.Tensor  # (E,) the ids that stop a row
-    new_tokens: torch.Tensor  # (B, N) the sampled tokens, -1 after a row's EOS
-    done: torch.Tensor  # (B,) whether a row has emitted an EOS
-    adapter_rows: torch.Tensor  # (B, 1, 1) 1 on the rows sampled with the LoRA adapters on, 0 with them off
-
-
-CALL_WIDE = ("column", "eos")  # the DecodeState fields that are not per row
-
-
-def sample_and_record(state, logits, temperature, top_k, top_p):
-    """
-    logits (B, V) fp32 -> every row's next token, drawn with the row's own noise for this column, written into
-    new_tokens (as -1 for finished rows) and fed to the next step.
-    """
-    noise = None if temperature == 0 else exponential_noise(state.row_key, state.column, logits.shape[-1])
-    token = sample_token(logits, noise, temperature, top_k, top_p)  # (B,)
-    state.new_tokens.index_copy_(1, state.column, token.masked_fill(state.done, -1)[:, None])
-    state.done.logical_or_(torch.isin(token, state.eos))
-    state.token.copy_(token[:, None])
-    state.column.add_(1)
-
-
-def step_inputs(model, state, windows):
-    """
-    A decode step's inputs: every row's last token embedded (B, 1, D), the RoPE angles of its position, and per
-    segment (windows: its number of rows and how many cache slots they attend) the mask of the slots its rows
-    attend, those up to each row's position: its prompt, then each token fed (rows, 1, 1, W).
-    """
-    masks, start = [], 0
-    for rows, window in windows:
-        slots = torch.arange(window, device=state.position.device)
-        masks.append((slots <= state.position[start:start + rows])[:, None, None, :])
-        start += rows
-    x = model.embed_tokens(state.token)
-    cos, sin = rope_cos_sin(state.position, model.config.head_dim, model.config.rope_theta, x.dtype)
-    return x, torch.zeros_like(x), cos, sin, masks  # zeros: no block before the first has an MLP output to add
-
-
-def cached_block(layer, x, mlp_out, cos, sin, masks, cache, position):
-    """
-    One block of a decode step, Block.forward but for its last residual add, which the next block makes: x plus the
-    previous block's MLP output is summed in the kernel of this block's first norm, not in a kernel of its own at
-    the end of the previous block (the blocks compile apart, so nothing fuses across them): one launch a layer
-    fewer. Each row writes its keys and values at the slot of its position, then attends. A function of its own,
-    not Block.__call__, so that its compilation and compile_blocks' are counted apart (Dynamo keeps its compiled
-    variants per function, and stops compiling past a limit). Returns the block's x and MLP output, (B, 1, D) each.
-    """
-    x = x + mlp_out
-    x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, masks, cache, position)
-    return x, layer.mlp(layer.post_attention_layernorm(x))
-
-
-def sample_next(model, x, mlp_out, state, temperature, top_k, top_p):
-    logits = model.logits(model.norm(x + mlp_out)[:, -1]).float()  # (B, V); the last block's residual add
-    sample_and_record(state, logits, temperature, top_k, top_p)
-    state.position.add_(1)
-
-
-EAGER_STEP = (step_inputs, cached_block, sample_next)
-
-
-# The variants of the decode block a process can meet, each compiled once: the adapters on, off or per row, times
-# one segment of 1 row or more, or two segments of 1 row or more each (Dynamo specializes a size of 1). Past its
-# limit a function runs eager, 8 variants by default, which a run that evaluates both roles and trains can reach.
-DECODE_BLOCK_VARIANTS = 3 * (2 + 4)
+def decode_step(model, caches, token, position, row_key, window, temperature, top_k, top_p):
+    """Feeds each row's last token (B, 1) at its position (B, 1), attending the first `window` cache slots;
+    returns the next token (B,), drawn for position + 1."""
+    mask = (torch.arange(window, device=position.device) <= position)[:, None, None, :]  # (B, 1, 1, W)
+    hidden = model(token, position, caches, mask)  # (B, 1, D)
+    logits = model.logits(hidden[:, -1]).float()  # (B, V)
+    return sample_token(logits, row_key, position + 1, temperature, top_k, top_p)
 
 
 @functools.cache
-def compiled_step(one_row=False):
-    """
-    EAGER_STEP compiled, each part once for every call, dynamic: one compilation serves every batch size, cache
-    length and window. The blocks share theirs: compiled whole, a step is 28 to 36 copies of the same block to trace
-    and lower, and took minutes to compile (on the CPU, a 28-layer step 194 s, against 32 s in parts), again for
-    each variant.
-
-    one_row: the step of a call that samples one row, where every projection and the output head is a
-    matrix-vector product, compiled with coordinate descent tuning as gpt-fast decodes: under it Inductor writes a
-    product of one row as a Triton reduction (its decomposition of mm) and tunes each kernel's block sizes. cuBLAS's
-    matrix-vector kernels read the weights well below the memory bandwidth (the 753cb6d profile at batch 1: the
-    products 1.6 ms of a 2.65 ms step, 7.5 us each for 4 to 25 MB). Tuning builds each kernel in several
-    configurations, so the steps of more rows, matrix products that cuBLAS runs either way, compile without it.
-    """
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_BLOCK_VARIANTS)
-    options = {"coordinate_descent_tuning": True} if one_row else None
-    return tuple(torch.compile(part, fullgraph=True, dynamic=True, options=options) for part in EAGER_STEP)
+def compiled_decode_step(device_type):
+    """decode_step compiled, as gpt-fast does; on a GPU replayed as CUDA graphs ("reduce-overhead"). dynamic: one
+    compilation serves every batch and window; each variant (adapters on, off, per row; greedy) compiles once."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=True)
 
 
-def decode_step(model, caches, state, windows, temperature, top_k, top_p, parts=EAGER_STEP):
-    """
-    Feeds every row's last token, samples the next and records it, all in place: the step reads and writes only
-    the caches and the state, so it can be recorded once as a CUDA graph and replayed. parts: the step's inputs,
-    its blocks and its sampling, as functions (EAGER_STEP, or those compiled).
-    """
-    inputs, block, outputs = parts
-    x, mlp_out, cos, sin, masks = inputs(model, state, windows)
-    for layer, cache in zip(model.layers, caches):
-        x, mlp_out = block(layer, x, mlp_out, cos, sin, masks, cache, state.position)
-    outputs(model, x, mlp_out, state, temperature, top_k, top_p)
-
-
-class Rollout(tuple):
-    """(tokens, finished): the new token ids up to and including the EOS that stopped the row; whether it did."""
-    __slots__ = ()
-
-    def __new__(cls, tokens, finished):
-        return super().__new__(cls, (tokens, finished))
-
-    tokens = property(lambda self: self[0])
-    finished = property(lambda self: self[1])
-
-
-# (device, dtype, layers, KV heads, head dim) -> one flat buffer that every call's caches are views of
+# (device, dtype) -> one flat buffer that every call's caches are views of: a CUDA graph replays on the addresses
+# it recorded, so a call of a shape seen before finds its caches where they were
 _kv_storage = {}
-# (that key, rows) -> the slots each row of a call of that many rows is laid out with: the most such a call needed
-_kv_row_slots = {}
-# model -> {(weights, rows, new tokens, stop ids): (DecodeState, {step kind: CUDA graph})}; dropped with the model
-_decoders = weakref.WeakKeyDictionary()
 
 
 def kv_caches(config, n_rows, n_slots, dtype, device):
-    """
-    One (k, v) pair per layer, each (n_rows, Hkv, S, hd), carved from one buffer that outlives the call. S is the
-    most slots a call of n_rows rows has needed so far, so every call of that many rows finds each layer's cache at
-    the same address with the same strides, whatever its prompts' lengths (in a training run they change at every
-    step), and the CUDA graphs recorded for n_rows rows still apply. The buffer holds the largest such layout, no
-    more. When S grows, the graphs of n_rows rows read another layout and are dropped; when the buffer grows, every
-    graph points at freed memory and all are dropped.
-    """
-    layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    key = (device, dtype, layers, kv_heads, head_dim)
-    if n_slots > _kv_row_slots.get((key, n_rows), 0):
-        _kv_row_slots[(key, n_rows)] = n_slots
-        for per_model in _decoders.values():
-            for shape in [shape for shape in per_model if shape[1] == n_rows]:
-                del per_model[shape]
-    shape = (layers, 2, n_rows, kv_heads, _kv_row_slots[(key, n_rows)], head_dim)
-    numel = math.prod(shape)
-    storage = _kv_storage.pop(key, None)
+    """One zeroed (k, v) pair per layer, each (n_rows, Hkv, n_slots, hd), marked as never moving for compile."""
+    shape = (config.num_hidden_layers, 2, n_rows, config.num_key_value_heads, n_slots, config.head_dim)
+    numel, storage = math.prod(shape), _kv_storage.pop((device, dtype), None)
     if storage is None or storage.numel() < numel:
-        _decoders.clear()
         del storage  # freed before the larger one is allocated
         storage = torch.empty(numel, dtype=dtype, device=device)
-    _kv_storage[key] = storage
-    per_layer = storage[:numel].view(shape)
-    return [(per_layer[i, 0], per_layer[i, 1]) for i in range(layers)]
+    _kv_storage[(device, dtype)] = storage
+    per_layer = storage[:numel].view(shape).zero_()  # a masked slot enters attention as 0 * value: 0 * NaN is NaN
+    caches = [(layer[0], layer[1]) for layer in per_layer]
+    for tensor in itertools.chain(*caches):
+        torch._dynamo.mark_static_address(tensor, guard=False)
+    return caches
 
 
-def decode_state(model, n_rows, max_new_tokens, eos_ids, device):
-    return DecodeState(
-        token=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
-        position=torch.zeros(n_rows, 1, dtype=torch.long, device=device),
-        column=torch.zeros(1, dtype=torch.long, device=device),
-        row_key=torch.zeros(n_rows, dtype=torch.long, device=device),
-        eos=torch.tensor(list(eos_ids), dtype=torch.long, device=device),
-        new_tokens=torch.empty(n_rows, max_new_tokens, dtype=torch.long, device=device),
-        done=torch.empty(n_rows, dtype=torch.bool, device=device),
-        adapter_rows=torch.ones(n_rows, 1, 1, dtype=model.embed_tokens.weight.dtype, device=device))
-
-
-def recorded_decoder(model, n_rows, max_new_tokens, eos_ids, device):
-    """
-    The DecodeState and the CUDA graphs recorded on it, for this model, these weights and this call shape: rows,
-    new tokens and stop ids (the caches of a number of rows do not move, see kv_caches).
-    """
-    # apply_lora and merge_lora change the weights; the adapters' sampling copies are buffers
-    weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-    per_model = _decoders.setdefault(model, {})
-    key = (weights, n_rows, max_new_tokens, tuple(eos_ids))
-    if key not in per_model:
-        per_model[key] = (decode_state(model, n_rows, max_new_tokens, eos_ids, device), {})
-    return per_model[key]
-
-
-def prompt_segments(lengths, rows):
-    """
-    Cuts the prompts, in order, into at most two segments, each padded to its longest prompt: the cut that pads
-    the fewest row-slots, where it saves SEGMENT_MIN_SAVING or more. lengths and rows: per prompt, its tokens and
-    its sample rows. Returns (slice of prompts, padded length) per segment.
-    """
-    padded = lambda run: max(lengths[run])
-    row_slots = lambda runs: sum(sum(rows[run]) * padded(run) for run in runs)  # what the prompts take in the cache
-    n = len(lengths)
-    whole = [slice(0, n)]
-    cut = min(([slice(0, k), slice(k, n)] for k in range(1, n)), key=row_slots, default=whole)
-    runs = cut if row_slots(whole) - row_slots(cut) >= SEGMENT_MIN_SAVING else whole
-    return [(run, padded(run)) for run in runs]
-
-
-def compact(state, caches, segment_rows, row_at, done, filled):
-    """
-    Moves each segment's rows still sampling to the front of the rows in use (the first sum(segment_rows)), the
-    segments in order, followed by the rows that stop running; permutes row_at (the call's row at each place) the
-    same way. done: per place, whether its row has finished. filled: how many cache slots hold keys and values
-    (the later ones are zero in every row). Returns the segments' new row counts.
-    """
-    kept, dropped, new_rows, start = [], [], [], 0
-    for rows in segment_rows:
-        running = [row for row in range(start, start + rows) if not done[row]]
-        finished = [row for row in range(start, start + rows) if done[row]]
-        keep = min(rows, -(-len(running) // COMPACT_ROWS) * COMPACT_ROWS)
-        kept += running + finished[:keep - len(running)]
-        dropped += finished[keep - len(running):]
-        new_rows.append(keep)
-        start += rows
-    if new_rows == segment_rows:
-        return segment_rows
-    order = kept + dropped + list(range(start, len(row_at)))
-    row_at[:] = [row_at[row] for row in order]
-    order = torch.tensor(order, device=state.done.device)
-    for name, tensor in state._asdict().items():
-        if name not in CALL_WIDE:  # the per-row state, all of it: the dropped rows keep their tokens
-            tensor.copy_(tensor[order])
-    for tensor in (t for cache in caches for t in cache):  # only the kept rows' slots: no later step reads the rest
-        tensor[:len(kept), :, :filled] = tensor[order[:len(kept)], :, :filled]
-    return new_rows
-
-
-def running_rows(state, caches, n_rows):
-    """The state and the caches of the first n_rows rows, the ones the decode steps run (views, no copies)."""
-    state = DecodeState(**{name: tensor if name in CALL_WIDE else tensor[:n_rows]
-                           for name, tensor in state._asdict().items()})
-    return state, [(k[:n_rows], v[:n_rows]) for k, v in caches]
-
-
-def replay_or_record(graphs, kind, step):
-    """Runs step() as the CUDA graph recorded for this kind of step, recording it the first time."""
-    if kind in graphs:
-        graphs[kind].replay()
-        return
-    # the first step of a kind runs for real (compiling it) on a side stream, as capture wants warmed-up code;
-    # recording it then launches nothing
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    # the graphs of one call shape share a memory pool: they never run at once and keep nothing between runs
-    pool = next(iter(graphs.values())).pool() if graphs else None
-    graphs[kind] = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graphs[kind], pool=pool):
-        step()
-
-
-def prefill(model, prompts, samples, segments, caches, n_slots, prompt_adapters):
-    """
-    Runs each segment's prompts once, right-padded to its longest, writing their keys and values into the first rows
-    of the segment, then gives the rows of each prompt's samples a copy of them. samples: per prompt, its rows.
-    prompt_adapters: None, or per prompt 1 (adapters on) or 0 (off), (prompts, 1, 1). Returns the logits of each
-    prompt's first new token (prompts, V) fp32.
-    """
-    device = caches[0][0].device
-    first_row = list(itertools.accumulate(samples, initial=0))  # prompt p's samples: rows first_row[p] to p + 1's
-    logits = []
-    for run, prompt_len in segments:
-        n_run = run.stop - run.start
-        input_ids = torch.zeros(n_run, prompt_len, dtype=torch.long)
-        for i, prompt in enumerate(prompts[run]):
-            input_ids[i, :len(prompt)] = torch.tensor(prompt)
-        rows = slice(first_row[run.start], first_row[run.stop])
-        prompt_rows = [(k[rows.start:rows.start + n_run, :, :prompt_len],
-                        v[rows.start:rows.start + n_run, :, :prompt_len]) for k, v in caches]
-        with adapters_on_rows(model, None if prompt_adapters is None else prompt_adapters[run]):
-            hidden = model(input_ids.to(device), caches=prompt_rows)  # (prompts, P, D)
-        last = torch.tensor([len(p) - 1 for p in prompts[run]], device=device)
-        logits.append(model.logits(hidden[torch.arange(n_run, device=device), last]).float())  # (prompts, V)
-        row_prompt = torch.repeat_interleave(torch.arange(n_run), torch.tensor(samples[run])).to(device)
-        for tensor in (t for cache in caches for t in cache):
-            # the indexed right-hand side is a copy, so a prompt's rows may overlap the rows it was prefilled in
-            tensor[rows, :, :prompt_len] = tensor[rows.start:rows.start + n_run, :, :prompt_len][row_prompt]
-            # the slots after the padded prompts start at zero, so what an earlier call left there cannot reach this
-            # one (they are masked, but 0 * NaN is NaN); a short prompt's padding slots hold the finite keys and
-            # values of padding tokens until its own tokens overwrite them
-            tensor[rows, :, prompt_len:n_slots].zero_()
-    return torch.cat(logits)
+class Rollout(NamedTuple):  # the new token ids, to the EOS that stopped the row (if one did: finished)
+    tokens: list
+    finished: bool
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(), seed=None,
              num_samples=1, adapters=None, compile=False):
     """
-    Samples continuations of each prompt (lists of token ids, any lengths), prefilling each prompt once.
-    num_samples: how many per prompt, one number or one per prompt. adapters: None samples every prompt with the
-    model as it is; a bool per prompt samples it with the LoRA adapters on (the student) or off (the teacher),
-    both roles in one batch. seed: one per prompt, so that a prompt's samples depend on its own seed and not on
-    the prompts beside it; or one number for the call, which gives prompt p its p-th child seed; or None, a
-    number drawn from torch's global generator. Returns one Rollout per sample, the samples of a prompt next to
-    each other, in prompt order. compile: torch.compile the decode step, and on CUDA record it as CUDA graphs, so
-    a step costs one graph launch.
+    Samples continuations of each prompt (lists of token ids). num_samples: per prompt, one number or a list.
+    adapters: None, or a bool per prompt: its rows with the LoRA on (student) or off (teacher), in one batch.
+    seed: one per prompt (its samples then depend on it alone, not on the prompts beside it), or one number (prompt
+    p gets its p-th child seed), or None (drawn from torch's generator). compile: use compiled_decode_step.
+    Returns one Rollout per sample, the samples of a prompt next to each other, in prompt order.
     """
-    device = model.embed_tokens.weight.device
-    config = model.config
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     n_prompts = len(prompts)
     samples = [num_samples] * n_prompts if isinstance(num_samples, int) else list(num_samples)
     if len(samples) != n_prompts or min(samples) < 1:
@@ -974,78 +553,48 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         raise ValueError(f"generate: adapters needs one bool per prompt ({n_prompts}), got {len(adapters)}")
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
-    segments = prompt_segments([len(p) for p in prompts], samples)
-    n_rows = sum(samples)
-    # the slots a row can write, rounded up to a whole window: every window a step attends is a multiple of WINDOW,
-    # so the CUDA graphs of a number of rows serve calls of any prompt lengths
-    longest = max(padded for _, padded in segments)
-    n_slots = -(-(longest + max_new_tokens) // WINDOW) * WINDOW
-    row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
     if seed is None:
         seed = int(torch.randint(2**62, ()))
     prompt_seeds = child_seeds(seed, n_prompts) if isinstance(seed, int) else list(seed)
     if len(prompt_seeds) != n_prompts:
         raise ValueError(f"generate: seed must be one number, or one per prompt ({n_prompts}); got {len(prompt_seeds)}")
     # sample j of prompt p draws its noise from the j-th child of the prompt's seed
-    row_keys = [key for p in range(n_prompts) for key in child_seeds(prompt_seeds[p], samples[p])]
-    dtype = model.embed_tokens.weight.dtype
-    prompt_adapters = None if adapters is None else torch.tensor(adapters, dtype=dtype, device=device)[:, None, None]
+    row_key = torch.tensor([key for p in range(n_prompts) for key in child_seeds(prompt_seeds[p], samples[p])],
+                           device=device)  # (B,)
+    row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
+    lengths, longest = torch.tensor([len(p) for p in prompts], device=device), max(len(p) for p in prompts)
+    n_rows, n_slots = sum(samples), -(-(longest + max_new_tokens) // WINDOW) * WINDOW
+    adapter_rows = None if adapters is None else torch.tensor(adapters, dtype=dtype, device=device)[:, None, None]
 
-    # what a call keeps for the next (the KV storage, the adapters' copies, the CUDA graphs' state) is made outside
-    # inference mode, so that a call outside it can still write to it (leaving inference mode turns grad mode
-    # back on: hence no_grad again); the copies come before the graphs' key
-    with torch.inference_mode(False), torch.no_grad(), sampling_adapters(model):
-        # one slot more than any window attends: a window as long as the cache would be a contiguous slice of it,
-        # one more case for the compiled block to compile
-        caches = kv_caches(config, n_rows, n_slots + 1, dtype, device)
-        use_graphs = compile and device.type == "cuda"
-        if use_graphs:
-            state, graphs = recorded_decoder(model, n_rows, max_new_tokens, eos_ids, device)
-        else:  # nothing replays on its addresses, so nothing is kept: the eager path sees a new shape every call
-            state = decode_state(model, n_rows, max_new_tokens, eos_ids, device)
-        logits = prefill(model, prompts, samples, segments, caches, n_slots, prompt_adapters)[row_prompt]  # (B, V)
-        state.position.copy_(torch.tensor([len(p) for p in prompts], device=device)[row_prompt, None])
-        state.column.zero_()
-        state.new_tokens.fill_(-1)
-        state.done.zero_()
-        state.row_key.copy_(torch.tensor(row_keys))
-        if adapters is not None:
-            state.adapter_rows.copy_(prompt_adapters[row_prompt])
+    # the prefill: each prompt once, right-padded, into the first rows; then copied to the rows of its samples
+    input_ids = torch.zeros(n_prompts, longest, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, :len(prompt)] = torch.tensor(prompt)
+    caches = kv_caches(model.config, n_rows, n_slots, dtype, device)
+    position = torch.arange(longest, device=device).expand(n_prompts, longest)
+    with adapters_on_rows(model, adapter_rows):
+        hidden = model(input_ids.to(device), position, [(k[:n_prompts], v[:n_prompts]) for k, v in caches])
+    logits = model.logits(hidden[torch.arange(n_prompts, device=device), lengths - 1]).float()  # (prompts, V)
+    for tensor in (t for cache in caches for t in cache):
+        tensor.copy_(tensor[:n_prompts][row_prompt])  # the indexed right-hand side is a copy, so rows may overlap
 
-        parts = compiled_step(n_rows == 1) if compile else EAGER_STEP
-        lora_on = any(m.enabled for _, m in lora_modules(model))
-        sample_and_record(state, logits, temperature, top_k, top_p)
-        segment_rows = [sum(samples[run]) for run, _ in segments]  # the rows each runs
-        row_at = list(range(n_rows))  # the call's row at each place of the state and the caches
-        running, running_caches = state, caches
-        with ExitStack() as rows_in_use:
-            rows_in_use.enter_context(adapters_on_rows(model, None if adapters is None else state.adapter_rows))
-            for step in range(1, max_new_tokens):
-                if step % 32 == 0:
-                    done = state.done.tolist()
-                    if all(done):
-                        break
-                    fewer = compact(state, caches, segment_rows, row_at, done, longest + step)
-                    if fewer != segment_rows:
-                        segment_rows = fewer
-                        running, running_caches = running_rows(state, caches, sum(segment_rows))
-                        rows_in_use.enter_context(adapters_on_rows(model, None if adapters is None else
-                                                                   running.adapter_rows))
-                # in a segment padded to P, the step feeds token step-1 at slot len(prompt)+step-1 <= P+step-1 and
-                # attends the slots up to it: the window is P+step rounded up, at most n_slots
-                windows = tuple((rows, -(-(prompt_len + step) // WINDOW) * WINDOW)
-                                for (_, prompt_len), rows in zip(segments, segment_rows) if rows)
-                step_call = lambda: decode_step(model, running_caches, running, windows, temperature, top_k, top_p,
-                                                parts)
-                if use_graphs:
-                    replay_or_record(graphs, (windows, temperature, top_k, top_p, lora_on, adapters is not None),
-                                     step_call)
-                else:
-                    step_call()
+    # the decode loop: the first token comes from the prefill's logits, each later one from a decode step
+    position = lengths[row_prompt, None]  # (B, 1): the position of the token being sampled
+    token = sample_token(logits[row_prompt], row_key, position, temperature, top_k, top_p)  # (B,)
+    new_tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    step = compiled_decode_step(device.type) if compile else decode_step
+    with adapters_on_rows(model, None if adapter_rows is None else adapter_rows[row_prompt]):
+        for t in range(max_new_tokens):
+            new_tokens[:, t] = token.masked_fill(done, -1)  # -1 after a row's EOS
+            done |= torch.isin(token, eos)
+            if t + 1 == max_new_tokens or (t % 32 == 31 and bool(done.all())):  # a host sync only every 32 steps
+                break
+            window = -(-(longest + t + 1) // WINDOW) * WINDOW  # covers every slot written so far, at most n_slots
+            # a clone: on a GPU the step's output lives in the CUDA graph's memory, which its next replay reuses
+            token = step(model, caches, token[:, None], position, row_key, window, temperature, top_k, top_p).clone()
+            position = position + 1
 
-    rollouts = [None] * n_rows
-    eos_set = set(eos_ids)
-    for row, new_tokens in zip(row_at, state.new_tokens.tolist()):
-        tokens = new_tokens[:new_tokens.index(-1)] if -1 in new_tokens else new_tokens
-        rollouts[row] = Rollout(tokens, bool(tokens) and tokens[-1] in eos_set)
-    return rollouts
+    rows = [row[:row.index(-1)] if -1 in row else row for row in new_tokens.tolist()]
+    return [Rollout(tokens, bool(tokens) and tokens[-1] in eos_ids) for tokens in rows]

@@ -1,5 +1,5 @@
 """
-Preference-Based Self-Distillation (PBSD) for Qwen3, with the OPSD and SFT baselines in the same loop.
+Preference-Based Self-Distillation (PBSD) for Qwen3, with its baselines (OPSD, OPSD-sampled, SFT) in the same loop.
 
     python pbsd.py                                    # the toy world: runs end to end on a laptop CPU
     python pbsd.py --model=DIR --data=train.jsonl     # a real checkpoint, one process
@@ -12,7 +12,8 @@ reweighted by its reward, pi*(y|x) = pi_T(y|x,c) exp(r(x,y) / beta) / Z(x), whic
 (Jensen). Writing r = beta log pi*/pi_T + beta log Z turns J into a preference problem between a teacher sample
 y+ and an on-policy student sample y-, solved with the logistic loss of kernels.pbsd_loss.
 
-Every --key=value overrides a field of Config (below); `python pbsd.py --help` lists them.
+The file reads top to bottom: the config, the objectives (one function each), scoring, the Trainer (rollouts,
+the step, evaluation, checkpoints), the command line, and the toy world. `python pbsd.py --help` lists the config.
 """
 
 import inspect
@@ -96,24 +97,6 @@ class Config:
 
 # The toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
 # built-in arithmetic word problems, warm-started by SFT on student and teacher prompts so that the student
-# is mediocre and the teacher (which reads the worked solution) is good; then PBSD through the same loop.
-TOY_WORLD = dict(out_dir="out/toy", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=300,
-                 batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=30, dtype="float32",
-                 gradient_checkpointing=False, compile=False, eval_every=50, eval_k=4, eval_problems=200,
-                 save_every=50, keep_last=2,
-                 # short prompts keep a 4-layer model's sequences short; the real templates are data.TEMPLATES
-                 student_template="{problem}\nPut the final answer in \\boxed{}.",
-                 teacher_template="{problem}\nReference solution:\n{solution}\n"
-                                  "Solve it in your own words and put the final answer in \\boxed{}.")
-TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=512,
-                 tie_word_embeddings=True)
-TOY_TRAIN, TOY_HELD_OUT = 4000, 200  # problems (seeds 1 and 2 of data.synthetic_math)
-# one addition or subtraction on numbers up to 40: after the warm start the student answers about a quarter of
-# them right even greedily, the teacher (which copies the result from the worked solution) all of them
-TOY_TASK = dict(steps=(1, 1), max_value=40)
-TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024)
-
 
 class ConfigError(ValueError):
     pass
@@ -176,149 +159,74 @@ def _validate(config):
         raise ConfigError(f"--beta_jsd must lie in [0, 1], got {config.beta_jsd}")
 
 
-# ---- the toy world's checkpoint
+
+# ---- the objectives. Each returns the sum of its terms over a micro-batch (PBSD's pairs, or tokens); the step
+# divides by the step's count of terms, so micro-batches and ranks add up to the step's mean.
 
 
-def toy_recipe(config):
-    """Everything the toy checkpoint and its problems follow from, but the seed: runs of any seed share one."""
-    return {"task": TOY_TASK, "problems": [TOY_TRAIN, TOY_HELD_OUT], "model": TOY_MODEL,
-            "warm_start": {**TOY_WARM_START, "steps": config.toy_warm_start_steps},
-            "templates": [config.student_template, config.teacher_template]}
-
-
-def earlier_runs_folder(out_dir):
-    """A new, empty out_dir/earlier_runs/<time>/ (-2, -3, ... for a second folder within the same second)."""
-    archive = stamp = os.path.join(out_dir, "earlier_runs", time.strftime("%Y%m%d-%H%M%S"))
-    for count in itertools.count(2):
-        if not os.path.exists(archive):
-            break
-        archive = f"{stamp}-{count}"
-    os.makedirs(archive)
-    return archive
-
-
-def build_toy_world(config):
+def pbsd_pairs(n_prompts, n_teacher, n_student):
     """
-    Writes out_dir/toy_base: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
-    warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the
-    loop then reads like any data set. A later run with the same recipe (toy_recipe) finds the folder and skips
-    the work; one with another moves the folder to earlier_runs/ and builds anew. Returns its path.
+    Indices (plus, minus) of every (teacher sample, student sample) pair of each prompt into the responses laid out
+    as the student's n_prompts x n_student, then the teacher's n_prompts x n_teacher, each prompt's together.
     """
-    path = os.path.join(config.out_dir, "toy_base")
-    recipe = json.loads(json.dumps(toy_recipe(config)))  # as warm_start.json holds it (tuples become lists)
-    if os.path.exists(os.path.join(path, "warm_start.json")):
-        built = json.load(open(os.path.join(path, "warm_start.json"))).get("recipe", {})
-        if built == recipe:
-            return path
-        # reusing a cache built from other settings would silently train another world than the one asked for
-        changed = [key for key in recipe if built.get(key) != recipe[key]]
-        archive = earlier_runs_folder(config.out_dir)
-        os.replace(path, os.path.join(archive, "toy_base"))
-        print(f"[toy] {path} was built with other settings ({', '.join(changed)}); moved it to {archive}",
-              file=sys.stderr)
-    print(f"[toy] building the toy world in {path} (cached for the next run)", file=sys.stderr)
-    start = time.time()
-    held_out = data.synthetic_math(TOY_HELD_OUT, seed=2, **TOY_TASK)
-    seen = {e.problem for e in held_out}
-    train = [e for e in data.synthetic_math(TOY_TRAIN, seed=1, **TOY_TASK) if e.problem not in seen]
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    data.write_examples(os.path.join(tmp, "train.jsonl"), train)
-    data.write_examples(os.path.join(tmp, "held_out.jsonl"), held_out)
-    student_template, teacher_template = config.student_template or None, config.teacher_template or None
-    texts = [data.teacher_prompt(e, template=teacher_template) + e.solution + data.IM_END for e in train[:1000]]
-    tokenizer = data.train_tokenizer(texts, TOY_WARM_START["vocab_size"], tmp)
-    torch.manual_seed(config.seed)
-    model = qwen3.Qwen3(qwen3.Qwen3Config(vocab_size=tokenizer.tokenizer.get_vocab_size(), **TOY_MODEL))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.02)
+    p, t, s = torch.meshgrid(torch.arange(n_prompts), torch.arange(n_teacher), torch.arange(n_student), indexing="ij")
+    return (n_prompts * n_student + p * n_teacher + t).flatten(), (p * n_student + s).flatten()
 
-    # SFT on a 50/50 mix of student and teacher prompts, each followed by the worked solution
-    optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_WARM_START["lr"], weight_decay=0.0)
-    steps, batch_size = config.toy_warm_start_steps, TOY_WARM_START["batch_size"]
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    progress = evaluation.Progress(steps, "toy warm start")
-    rng = random.Random(config.seed)
-    end_of_turn = tokenizer.encode(data.IM_END)
-    for step in range(steps):
-        batch = rng.sample(train, batch_size)
-        prompts = [data.teacher_prompt(e, tokenizer, template=teacher_template) if i % 2 else
-                   data.student_prompt(e, tokenizer, template=student_template) for i, e in enumerate(batch)]
-        responses = [tokenizer.encode(e.solution) + end_of_turn for e in batch]
-        hidden, targets, _, _ = response_hidden(model, prompts, responses)
-        loss = -kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 49 or step == steps - 1:
-            progress.update(step + 1, f"sft loss {loss.item():.3f}")
 
-    model.requires_grad_(False)
-    qwen3.save_qwen3(model, tmp)
-    json.dump({"eos_token_id": list(tokenizer.eos_ids)}, open(os.path.join(tmp, "generation_config.json"), "w"))
-    json.dump({"recipe": recipe, "seed": config.seed, "seconds": round(time.time() - start, 1)},
-              open(os.path.join(tmp, "warm_start.json"), "w"))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
+def pbsd_objective(student_sums, teacher_sums, rewards, lengths, n_prompts, config, stats):
+    """
+    PBSD: per response, log pi_theta and log pi_T summed over its tokens, its reward and length (R,), laid out as
+    pbsd_pairs reads them; the logistic loss on each pair's margin beta (s(y+) - s(y-)), s = log pi_theta / pi_T.
+    """
+    if config.length_norm:
+        student_sums, teacher_sums = student_sums / lengths, teacher_sums / lengths
+    plus, minus = (i.to(rewards.device) for i in pbsd_pairs(n_prompts, config.n_teacher, config.n_student))
+    loss, margin, label = kernels.pbsd_loss(student_sums[plus], teacher_sums[plus], student_sums[minus],
+                                            teacher_sums[minus], rewards[plus], rewards[minus], beta=config.beta,
+                                            label=config.pbsd_label)
+    stats.add("margin", margin.tolist())
+    stats.add("label", label.tolist())
+    return loss.sum()
+
+
+def opsd_objective(student_hidden, teacher_hidden, head_weight, config):
+    """OPSD: per token of the student's rollouts, the generalized JSD of the teacher's and the student's next-token
+    distributions over the full vocabulary, clipped at jsd_token_clip if set."""
+    divergence = kernels.gjs_divergence(student_hidden, teacher_hidden, head_weight, beta=config.beta_jsd,
+                                        temperature=config.temperature)  # (N,)
+    return (divergence.clamp(max=config.jsd_token_clip) if config.jsd_token_clip > 0 else divergence).sum()
+
+
+def opsd_sampled_objective(student_logp, teacher_logp):
+    """OPSD on the sampled tokens: a reverse-KL policy gradient, advantage log p_T(y_t) - log p_S(y_t) (detached)."""
+    return -((teacher_logp - student_logp).detach() * student_logp).sum()
+
+
+def sft_objective(student_logp):
+    """SFT: the negative log-likelihood of the reference solution's tokens after the student prompt."""
+    return -student_logp.sum()
 
 
 # ---- scoring: teacher and student on the same response tokens
 
 
-# Rollouts differ in length (one stops after 300 tokens, another runs to 2K), and a right-padded batch computes
-# every row to its longest: the sequences run longest first, in batches of similar lengths. A batch more costs
-# every layer's launches again (forward, recomputation, backward) and smaller matmuls, counted as this many tokens
-# of padding: an estimate; at Qwen3-1.7B an H100 trains a token in about 26 us at 40% MFU, against a few us a launch.
-BATCH_COST_TOKENS = 1024
-
-
-def length_batches(lengths):
-    """
-    The sequences, longest first, cut into batches that minimize padded tokens + BATCH_COST_TOKENS per batch.
-    Returns lists of indices into lengths.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    # cheapest[j]: the cost of the first j sequences in order; a batch of order[i:j] pads to lengths[order[i]]
-    cheapest, cut = [0] + [math.inf] * len(order), [0] * (len(order) + 1)
-    for j in range(1, len(order) + 1):
-        for i in range(j):
-            cost = cheapest[i] + (j - i) * lengths[order[i]] + BATCH_COST_TOKENS
-            if cost < cheapest[j]:
-                cheapest[j], cut[j] = cost, i
-    batches, j = [], len(order)
-    while j:
-        batches.append(order[cut[j]:j])
-        j = cut[j]
-    return batches[::-1]
-
-
 def response_hidden(model, prompts, responses):
     """
-    Runs each prompt + response (right-padded, so the response follows its prompt with no gap) and returns the
-    final hidden states at the positions that predict response tokens (N, D), those tokens (N,), the row each
-    belongs to (N,), in row order, and how many positions the batches ran, padding included. Token j of a response
-    is predicted at position len(prompt) - 1 + j.
+    Runs each prompt + response, right-padded into one batch, and returns the final hidden states at the positions
+    that predict response tokens (N, D), those tokens (N,) and the row each belongs to (N,), in row order. Token j
+    of a response is predicted at position len(prompt) - 1 + j.
     """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     device = model.embed_tokens.weight.device
-    per_row = [None] * len(prompts)
-    batches = length_batches(lengths)
-    for batch in batches:
-        input_ids = torch.zeros(len(batch), lengths[batch[0]], dtype=torch.long)
-        for k, row in enumerate(batch):
-            input_ids[k, :lengths[row]] = torch.tensor(prompts[row] + responses[row])
-        hidden = model(input_ids.to(device))  # (b, L, D); causal, so right padding never reaches a real token
-        for k, row in enumerate(batch):
-            per_row[row] = hidden[k, len(prompts[row]) - 1:lengths[row] - 1]  # (len(response), D)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    input_ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, :lengths[row]] = torch.tensor(prompt + response)
+    hidden = model(input_ids.to(device))  # (B, L, D); causal, so right padding never reaches a real token
+    hidden = torch.cat([hidden[row, len(p) - 1:lengths[row] - 1] for row, p in enumerate(prompts)])  # (N, D)
     as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     rows = [row for row, response in enumerate(responses) for _ in response]
-    computed = sum(len(batch) * lengths[batch[0]] for batch in batches)
-    return torch.cat(per_row), as_tensor([t for response in responses for t in response]), as_tensor(rows), computed
+    return hidden, as_tensor([t for response in responses for t in response]), as_tensor(rows)
+
 
 
 def sequence_sums(token_values, rows, n_rows):
@@ -342,11 +250,8 @@ class Trainer:
             raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of the number of ranks "
                               f"({self.world})")
         kernels.compile_kernels = config.compile and self.device.type == "cuda"
-
         self.model = qwen3.load_qwen3(config.model, self.device, getattr(torch, config.dtype))
         self.model.gradient_checkpointing = config.gradient_checkpointing
-        if config.compile and self.device.type == "cuda":
-            qwen3.compile_blocks(self.model)
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
         try:
             self.lora_params = qwen3.apply_lora(self.model, config.lora_rank, config.lora_alpha,
@@ -358,11 +263,10 @@ class Trainer:
         self.tokenizer = data.load_tokenizer(config.model)
         self.train_examples, self.eval_examples = self.load_data()
         self.student_prompts = [self.prompt(e, "student") for e in self.train_examples]
-        self.teacher_prompts = ([self.prompt(e, "teacher") for e in self.train_examples]
-                                if config.loss != "sft" else None)
+        self.teacher_prompts = [self.prompt(e, "teacher") for e in self.train_examples] if config.loss != "sft" else []
         end_of_turn = self.tokenizer.encode(data.IM_END)
         self.references = ([self.tokenizer.encode(e.solution) + end_of_turn for e in self.train_examples]
-                           if config.loss == "sft" else None)  # SFT's targets
+                           if config.loss == "sft" else [])  # SFT's targets
         self.check_lengths()
         self.step = 0
         self.history = []  # evaluation results, for the learning curve
@@ -370,6 +274,7 @@ class Trainer:
     # -- set-up
 
     def lr_scale(self, step):
+        """Linear warm-up to lr, then cosine decay to 0 at the last step."""
         config = self.config
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -383,11 +288,10 @@ class Trainer:
         load = (data.load_tool_examples if config.task == "tool" else
                 lambda path: data.load_examples(path, config.problem_key, config.solution_key, config.answer_key))
         train = load(config.data)
-        if config.loss != "sft":
-            for i, example in enumerate(train, start=1):
-                if not example.solution:
-                    raise data.DataError(f"{config.data}: row {i} has no {config.solution_key!r}: the teacher "
-                                         f"(and SFT) need a reference solution")
+        for i, example in enumerate(train, start=1):
+            if not example.solution:
+                raise data.DataError(f"{config.data}: row {i} has no {config.solution_key!r}: the teacher "
+                                     f"(and SFT) need a reference solution")
         held_out = load(config.eval_data) if config.eval_data else []
         return train, held_out[:config.eval_problems or None]
 
@@ -398,19 +302,16 @@ class Trainer:
         return make(example, self.tokenizer, config.thinking, template or None)
 
     def check_lengths(self):
-        context = self.model.config.max_position_embeddings
-        new_tokens = self.config.max_new_tokens
-        for role, prompts in (("student", self.student_prompts), ("teacher", self.teacher_prompts or [])):
-            for i, prompt in enumerate(prompts, start=1):
-                if len(prompt) + new_tokens > context:
-                    raise data.DataError(f"{self.config.data or 'toy data'}: row {i}: the {role} prompt has "
-                                         f"{len(prompt)} tokens; with --max_new_tokens={new_tokens} it exceeds "
-                                         f"the model's context of {context}")
-        for i, (prompt, reference) in enumerate(zip(self.student_prompts, self.references or []), start=1):
-            if len(prompt) + len(reference) > context:
-                raise data.DataError(f"{self.config.data or 'toy data'}: row {i}: the student prompt and the reference "
-                                     f"solution have {len(prompt)} + {len(reference)} tokens, more than the model's "
-                                     f"context of {context}")
+        context, new_tokens = self.model.config.max_position_embeddings, self.config.max_new_tokens
+        sequences = [("the student prompt", p, new_tokens) for p in self.student_prompts]
+        sequences += [("the teacher prompt", p, new_tokens) for p in self.teacher_prompts]
+        sequences += [("the student prompt and the reference", p, len(r))
+                      for p, r in zip(self.student_prompts, self.references)]
+        for i, (what, prompt, extra) in enumerate(sequences):
+            if len(prompt) + extra > context:
+                raise data.DataError(f"{self.config.data}: row {i % len(self.train_examples) + 1}: {what} has "
+                                     f"{len(prompt)} tokens, {len(prompt) + extra} with {extra} more (--max_new_tokens "
+                                     f"or the reference): more than the model's context of {context}")
 
     # -- data order: a fresh permutation each epoch, a pure function of (seed, step) so resume is exact
 
@@ -423,50 +324,43 @@ class Trainer:
     def rank_batch(self, step):
         """This rank's share of the step's global batch: (position in the global batch, example index) pairs."""
         config, n = self.config, len(self.train_examples)
-        start = step * config.batch_size
-        per_rank = config.batch_size // self.world
+        start, per_rank = step * config.batch_size, config.batch_size // self.world
         positions = range(self.rank * per_rank, (self.rank + 1) * per_rank)
         return [(p, self.epoch_order((start + p) // n)[(start + p) % n]) for p in positions]
 
-    # -- the step's rollouts, sampled for all of this rank's prompts at once
+    # -- the step: rollouts, then scoring, loss and backward micro-batch by micro-batch
 
     def sample(self, step, batch, stats):
         """
-        Student rollouts (LoRA on, n_student per prompt) of the rank's prompts and, for PBSD, teacher rollouts
+        The student's rollouts (LoRA on, n_student per prompt) of the rank's prompts and, for PBSD, the teacher's
         (LoRA off, n_teacher per prompt), both roles in one sampler call per rollout_batch_size prompts: a decode
-        step reads the weights once for all its rows, and costs little more for 64 rows than for 8. Returns two
-        dicts, role -> per prompt a list of its Rollouts, and role -> per prompt a list of their rewards.
+        step reads the weights once for all its rows. Returns role -> per prompt its Rollouts, and their rewards.
         """
-        config = self.config
-        timer = time.time()
+        config, timer = self.config, time.time()
         roles = ("student", "teacher") if config.loss == "pbsd" else ("student",)
         counts = {"student": config.n_student, "teacher": config.n_teacher}
+        prompts = {"student": self.student_prompts, "teacher": self.teacher_prompts}
         rollouts = {role: [] for role in roles}
         chunk = config.rollout_batch_size or len(batch)
         for start in range(0, len(batch), chunk):
-            part = batch[start:start + chunk]
-            requests = [(role, position, index) for role in roles for position, index in part]  # per prompt
+            requests = [(role, position, i) for role in roles for position, i in batch[start:start + chunk]]
             sampled = iter(qwen3.generate(
-                self.model, [self.teacher_prompts[i] if role == "teacher" else self.student_prompts[i]
-                             for role, _, i in requests], config.max_new_tokens,
+                self.model, [prompts[role][i] for role, _, i in requests], config.max_new_tokens,
                 temperature=config.temperature, top_p=config.top_p, eos_ids=self.tokenizer.eos_ids,
                 seed=[rollout_seed(config.seed, step, position, roles.index(role)) for role, position, _ in requests],
                 num_samples=[counts[role] for role, _, _ in requests],
-                adapters=[role == "student" for role, _, _ in requests],
-                compile=config.compile))
+                adapters=[role == "student" for role, _, _ in requests], compile=config.compile))
             for role, _, _ in requests:
                 rollouts[role].append([next(sampled) for _ in range(counts[role])])
         stats.add("generation_seconds", [time.time() - timer])
-        stats.add("rollout_tokens", [len(r.tokens) for role in roles for per_prompt in rollouts[role]
-                                     for r in per_prompt])
-
         rewards = {}
         for role in roles:
+            flat = [r for per_prompt in rollouts[role] for r in per_prompt]
             texts = [[self.tokenizer.decode(r.tokens) for r in per_prompt] for per_prompt in rollouts[role]]
             rewards[role] = [[data.reward(self.train_examples[i], text) for text in per_prompt]
                              for (_, i), per_prompt in zip(batch, texts)]
-            flat = [r for per_prompt in rollouts[role] for r in per_prompt]
-            stats.add(f"{role}_reward", [x for per_prompt in rewards[role] for x in per_prompt])
+            stats.add("rollout_tokens", [len(r.tokens) for r in flat])
+            stats.add(f"{role}_reward", sum(rewards[role], []))
             stats.add(f"{role}_length", [len(r.tokens) for r in flat])
             stats.add(f"{role}_truncated", [not r.finished for r in flat])
             if role == "student":
@@ -474,87 +368,54 @@ class Trainer:
                                 sum(len(r.tokens) for r in flat) / 1000)
         return rollouts, rewards
 
-    # -- one micro-batch: scoring, loss, backward
-
-    def score(self, prompts, responses, teacher, stats):
+    def score(self, prompts, responses, teacher):
         """
         Per-token log-probs and entropies of the responses after the prompts (N,), each token's row (N,), and the
         hidden states (N, D): the student with gradient, or the teacher (LoRA off) without.
         """
         with torch.no_grad() if teacher else nullcontext(), qwen3.adapters_off(self.model) if teacher else nullcontext():
-            hidden, targets, rows, computed = response_hidden(self.model, prompts, responses)
+            hidden, targets, rows = response_hidden(self.model, prompts, responses)
             logp, entropy = kernels.token_logprobs(hidden, self.model.lm_head_weight, targets,
                                                    temperature=self.config.temperature, with_entropy=True)
-        # the share of the positions computed that are padding: what length batches leave, on a run's own lengths
-        stats.add_ratio("scoring_padding", computed - sum(map(len, prompts)) - len(targets), computed)
         return logp, entropy, rows, hidden
 
     def micro_step(self, indices, rollouts, rewards, normalizer, stats):
         """
-        The micro-batch's share of the step's loss, backpropagated: the sum of its terms (tokens, or PBSD's pairs)
-        over normalizer, the step's count of terms per rank, so the micro-batches' shares add up to the mean over
-        the step however it is split. indices: its examples; rollouts and rewards: role -> theirs, the samples of a
+        The micro-batch's share of the step's loss, backpropagated: its objective's sum over normalizer, the step's
+        count of terms per rank. indices: its examples; rollouts and rewards: role -> theirs, flat, the samples of a
         prompt next to each other, in prompt order (empty for SFT).
         """
-        config = self.config
-        timer = time.time()
+        config, timer = self.config, time.time()
         if config.loss == "sft":
             responses = [self.references[i] for i in indices]
-            prompts = [self.student_prompts[i] for i in indices]
-            logp, _, _, _ = self.score(prompts, responses, teacher=False, stats=stats)
-            loss = -logp.sum() / normalizer
+            student_logp, _, _, _ = self.score([self.student_prompts[i] for i in indices], responses, teacher=False)
+            loss = sft_objective(student_logp)
             stats.add("response_length", [len(r) for r in responses])
-            stats.add("train_seconds", [time.time() - timer])
-            loss.backward()
-            return loss.item()
-
-        # student and teacher score the same responses, each after its own prompt
-        student_rollouts = rollouts["student"]
-        responses = [r.tokens for r in student_rollouts]
-        student_prompts = [self.student_prompts[i] for i in indices for _ in range(config.n_student)]
-        teacher_prompts = [self.teacher_prompts[i] for i in indices for _ in range(config.n_student)]
-        if config.loss == "pbsd":  # the teacher samples are scored too
-            responses = responses + [r.tokens for r in rollouts["teacher"]]
-            student_prompts += [self.student_prompts[i] for i in indices for _ in range(config.n_teacher)]
-            teacher_prompts += [self.teacher_prompts[i] for i in indices for _ in range(config.n_teacher)]
-        student_logp, entropy, rows, student_hidden = self.score(student_prompts, responses, teacher=False, stats=stats)
-        teacher_logp, _, _, teacher_hidden = self.score(teacher_prompts, responses, teacher=True, stats=stats)
-        on_student = rows < len(student_rollouts)  # tokens of the student's own rollouts
-        stats.add_ratio("student_entropy", entropy[on_student].sum().item(), on_student.sum().item())
-        # k1 estimate of KL(student || teacher) per token along the student's rollouts
-        stats.add_ratio("kl_estimate", (student_logp - teacher_logp)[on_student].sum().item(), on_student.sum().item())
-
-        if config.loss == "pbsd":
-            n_rows = len(responses)
-            student_sums, teacher_sums = sequence_sums(student_logp, rows, n_rows), sequence_sums(teacher_logp, rows, n_rows)
-            if config.length_norm:
-                lengths = torch.tensor([len(r) for r in responses], dtype=student_sums.dtype, device=rows.device)
-                student_sums, teacher_sums = student_sums / lengths, teacher_sums / lengths
-            rewards = torch.tensor(rewards["student"] + rewards["teacher"], dtype=student_sums.dtype,
-                                   device=rows.device)
-            # pairs: for each prompt, every teacher sample (y+) against every student sample (y-)
-            n_prompts, plus, minus = len(indices), [], []
-            for p in range(n_prompts):
-                for t in range(config.n_teacher):
-                    for s in range(config.n_student):
-                        plus.append(len(student_rollouts) + p * config.n_teacher + t)
-                        minus.append(p * config.n_student + s)
-            plus, minus = (torch.tensor(x, device=rows.device) for x in (plus, minus))
-            pair_loss, margin, label = kernels.pbsd_loss(student_sums[plus], teacher_sums[plus], student_sums[minus],
-                                                         teacher_sums[minus], rewards[plus], rewards[minus],
-                                                         beta=config.beta, label=config.pbsd_label)
-            loss = pair_loss.sum() / normalizer
-            stats.add("margin", margin.tolist())
-            stats.add("label", label.tolist())
-        elif config.loss == "opsd":
-            divergence = kernels.gjs_divergence(student_hidden, teacher_hidden, self.model.lm_head_weight,
-                                                beta=config.beta_jsd, temperature=config.temperature)
-            if config.jsd_token_clip > 0:
-                divergence = divergence.clamp(max=config.jsd_token_clip)
-            loss = divergence.sum() / normalizer
-        else:  # opsd_sampled: the sampled-token advantage log p_T(y_t) - log p_S(y_t), a reverse-KL policy gradient
-            advantage = (teacher_logp - student_logp).detach()
-            loss = -(advantage * student_logp).sum() / normalizer
+        else:
+            # student and teacher score the same responses, each after its own prompt: the student's rollouts, then
+            # (PBSD) the teacher's
+            counts = {"student": config.n_student, "teacher": config.n_teacher}
+            responses = [r.tokens for rows in rollouts.values() for r in rows]
+            examples = [i for role in rollouts for i in indices for _ in range(counts[role])]
+            student_logp, entropy, rows, student_hidden = self.score([self.student_prompts[i] for i in examples],
+                                                                     responses, teacher=False)
+            teacher_logp, _, _, teacher_hidden = self.score([self.teacher_prompts[i] for i in examples], responses,
+                                                            teacher=True)
+            on_student = rows < len(rollouts["student"])  # the tokens of the student's own rollouts
+            stats.add_ratio("student_entropy", entropy[on_student].sum().item(), on_student.sum().item())
+            # the k1 estimate of KL(student || teacher) per token along the student's rollouts
+            stats.add_ratio("kl_estimate", (student_logp - teacher_logp)[on_student].sum().item(),
+                            on_student.sum().item())
+            if config.loss == "pbsd":
+                as_tensor = lambda x: torch.tensor(x, dtype=student_logp.dtype, device=rows.device)
+                sums = [sequence_sums(logp, rows, len(responses)) for logp in (student_logp, teacher_logp)]
+                loss = pbsd_objective(*sums, as_tensor(rewards["student"] + rewards["teacher"]),
+                                      as_tensor([len(r) for r in responses]), len(indices), config, stats)
+            elif config.loss == "opsd":
+                loss = opsd_objective(student_hidden, teacher_hidden, self.model.lm_head_weight, config)
+            else:
+                loss = opsd_sampled_objective(student_logp, teacher_logp)
+        loss = loss / normalizer
         loss.backward()
         stats.add("train_seconds", [time.time() - timer])
         return loss.item()
@@ -570,10 +431,8 @@ class Trainer:
             lengths = [len(self.references[i]) for _, i in batch]
             terms = sum(lengths)
         else:
-            advice = (f"sample fewer prompts per call with --rollout_batch_size (now "
-                      f"{min(config.rollout_batch_size or len(batch), len(batch))} of this rank's {len(batch)}), or "
-                      f"fewer --max_new_tokens")
-            with self.out_of_memory_advice(f"step {step + 1}, sampling", advice):
+            with self.out_of_memory_advice(f"step {step + 1}, sampling", "sample fewer prompts per call with "
+                                           "--rollout_batch_size, or fewer --max_new_tokens"):
                 rollouts, rewards = self.sample(step, batch, stats)
             lengths = [max(len(r.tokens) for per_prompt in rollouts.values() for r in per_prompt[k])
                        for k in range(len(batch))]
@@ -581,13 +440,12 @@ class Trainer:
                      sum(len(r.tokens) for per_prompt in rollouts["student"] for r in per_prompt))
         # the mean over the whole step's terms: ranks average their gradients, so each divides by the mean count
         normalizer = self.all_mean(terms)
-        # each micro-batch pads its sequences to its longest: grouping prompts by length pads less, and the
-        # normalized loss does not depend on the grouping
+        # a micro-batch pads its sequences to its longest: grouped by length they pad less, and the normalized loss
+        # does not depend on the grouping
         order = sorted(range(len(batch)), key=lambda k: lengths[k])
         loss = 0.0
-        advice = (f"lower --micro_batch_size (now {config.micro_batch_size})"
-                  + ", or turn --gradient_checkpointing on" * (not config.gradient_checkpointing))
-        with self.out_of_memory_advice(f"step {step + 1}, training", advice):
+        with self.out_of_memory_advice(f"step {step + 1}, training", f"lower --micro_batch_size (now "
+                                       f"{config.micro_batch_size}), or turn --gradient_checkpointing on"):
             for first in range(0, len(batch), config.micro_batch_size):
                 micro = order[first:first + config.micro_batch_size]
                 pick = lambda per_role: {role: [x for k in micro for x in per_prompt[k]]
@@ -605,17 +463,13 @@ class Trainer:
             raise TrainingError(f"{where}: out of GPU memory ({str(e).splitlines()[0]}); {advice}. The last good "
                                 f"checkpoint is {self.latest_checkpoint()}") from None
 
-    # -- the optimizer step, with gradients averaged over ranks
-
     def optimizer_step(self):
+        """Averages the gradients over ranks, clips their global norm, and steps."""
         if self.world > 1:
             flat = torch.cat([p.grad.flatten() for p in self.lora_params])
             dist.all_reduce(flat)
-            flat /= self.world
-            offset = 0
-            for p in self.lora_params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            for p, grad in zip(self.lora_params, (flat / self.world).split([p.numel() for p in self.lora_params])):
+                p.grad.copy_(grad.view_as(p))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.config.grad_clip or math.inf).item()
         if not math.isfinite(grad_norm):  # the same on every rank: the gradients were averaged above
             raise TrainingError(f"step {self.step + 1}: the gradient norm is {grad_norm}; stopping before the "
@@ -633,8 +487,7 @@ class Trainer:
         self.start_out_dir()
         if self.step == 0 and self.eval_examples:
             self.evaluate()
-        last_step = min(config.steps, until_step or config.steps)
-        first_step = self.step
+        last_step, first_step = min(config.steps, until_step or config.steps), self.step
         progress = evaluation.Progress(last_step - first_step, config.loss, enabled=self.rank == 0)
         while self.step < last_step:
             self.model.train()
@@ -644,19 +497,18 @@ class Trainer:
                 raise TrainingError(f"step {self.step + 1}: the loss is {loss}; stopping before the update. "
                                     f"The last good checkpoint is {self.latest_checkpoint()}")
             grad_norm = self.optimizer_step()
-            metrics = stats.reduce(self.world, self.device)
-            metrics["loss"] = loss
             self.step += 1
-            metrics.update(step=self.step, lr=self.schedule.get_last_lr()[0], grad_norm=grad_norm)
+            metrics = {**stats.reduce(self.world, self.device), "loss": loss, "step": self.step,
+                       "lr": self.schedule.get_last_lr()[0], "grad_norm": grad_norm}
             if self.device.type == "cuda":  # what sets --rollout_batch_size and --micro_batch_size
                 metrics["peak_memory_gb"] = self.all_reduce(torch.cuda.max_memory_allocated(self.device) / 1e9,
                                                              dist.ReduceOp.MAX)
                 torch.cuda.reset_peak_memory_stats(self.device)
             if "rollout_tokens" in metrics:
-                metrics["rollout_tokens_per_second"] = metrics["rollout_tokens"] / max(metrics["generation_seconds"], 1e-9)
+                metrics["rollout_tokens_per_second"] = metrics["rollout_tokens"] / metrics["generation_seconds"]
             self.log(metrics)
             if self.rank == 0:
-                progress.update(self.step - first_step, self.summary_line(metrics))
+                progress.update(self.step - first_step, summary_line(metrics))
             evaluated = config.eval_every and self.step % config.eval_every == 0 and self.eval_examples
             if evaluated:
                 self.evaluate()
@@ -671,20 +523,6 @@ class Trainer:
         if self.step == config.steps and config.export_merged and self.rank == 0:
             self.export_merged()
         return self.history
-
-    def summary_line(self, m):
-        parts = [f"loss {m['loss']:.4f}"]
-        if "student_reward" in m:
-            parts.append(f"r_student {m['student_reward']:.2f}")
-        if "teacher_reward" in m:
-            parts.append(f"r_teacher {m['teacher_reward']:.2f} margin {m['margin']:+.2f}")
-        if "student_length" in m:
-            parts.append(f"len {m['student_length']:.0f}")
-        if "generation_seconds" in m:
-            parts.append(f"gen {m['generation_seconds']:.1f}s train {m['train_seconds']:.1f}s")
-        if "peak_memory_gb" in m:
-            parts.append(f"mem {m['peak_memory_gb']:.1f}GB")
-        return " ".join(parts)
 
     def all_mean(self, value):
         return self.all_reduce(value, dist.ReduceOp.SUM) / self.world
@@ -726,7 +564,7 @@ class Trainer:
 
     def plot(self):
         if self.rank == 0:
-            plot_run(os.path.join(self.config.out_dir, "metrics.jsonl"),
+            evaluation.plot_run(os.path.join(self.config.out_dir, "metrics.jsonl"),
                      os.path.join(self.config.out_dir, "learning_curve.png"))
 
     def start_out_dir(self):
@@ -855,65 +693,22 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-# The run's plot: held-out accuracy, then every per-step diagnostic the loop logs that this run has (PBSD's
-# margins, OPSD's KL estimate, ...), each as its raw values and a 10-step running mean.
-CURVES = (("training rewards", "mean", (("student_reward", "student rollouts"), ("teacher_reward", "teacher rollouts"),
-                                        ("label", "PBSD label z"))),
-          ("loss", "loss", (("loss", "loss"),)),
-          ("PBSD margin", "m = beta (s(y+) - s(y-)), mean", (("margin", "margin"),)),
-          ("student tokens", "nats per token", (("student_entropy", "entropy"),
-                                               ("kl_estimate", "KL(student || teacher) estimate"))),
-          ("response lengths", "tokens", (("student_length", "student"), ("teacher_length", "teacher"),
-                                          ("response_length", "reference (SFT)"))),
-          ("cut at max_new_tokens", "share of rollouts", (("student_truncated", "student"),
-                                                          ("teacher_truncated", "teacher"))),
-          ("uncertainty words", "per 1K student tokens", (("uncertainty_per_1k", "wait, hmm, perhaps, ..."),)),
-          ("step time", "seconds", (("generation_seconds", "generation"), ("train_seconds", "training"))),
-          ("scoring padding", "share of the positions computed", (("scoring_padding", "student and teacher passes"),)),
-          ("GPU memory", "GB, the step's peak on the fullest rank", (("peak_memory_gb", "allocated"),)))
+def earlier_runs_folder(out_dir):
+    """A new, empty out_dir/earlier_runs/<time>/ (-2, -3, ... for a second folder within the same second)."""
+    archive = stamp = os.path.join(out_dir, "earlier_runs", time.strftime("%Y%m%d-%H%M%S"))
+    for count in itertools.count(2):
+        if not os.path.exists(archive):
+            break
+        archive = f"{stamp}-{count}"
+    os.makedirs(archive)
+    return archive
 
-
-def plot_run(metrics_path, png_path):
-    """Draws metrics.jsonl as png_path: a panel per curve with values, held-out accuracy first. Returns the titles."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-    evals, train = [r for r in rows if "eval_avg_at_k" in r], [r for r in rows if "loss" in r]
-    curves = [(title, ylabel, [(key, label) for key, label in lines if any(key in r for r in train)])
-              for title, ylabel, lines in CURVES]
-    curves = [curve for curve in curves if curve[2]]
-    titles = ["held-out accuracy"] * bool(evals) + [title for title, _, _ in curves]
-    if not titles:
-        return titles
-    n_panels = len(titles)
-    n_columns = min(n_panels, 3)
-    n_lines = -(-n_panels // n_columns)
-    fig, axes = plt.subplots(n_lines, n_columns, figsize=(5 * n_columns, 3.6 * n_lines), squeeze=False)
-    panels = iter(axes.flat)
-    if evals:
-        ax = next(panels)
-        ax.plot([r["step"] for r in evals], [r["eval_avg_at_k"] for r in evals], "o-", label="student (held out)")
-        teacher = [r["teacher_avg_at_k"] for r in evals if "teacher_avg_at_k" in r]
-        if teacher:
-            ax.axhline(teacher[0], color="gray", ls="--", label="frozen teacher (with solution)")
-        ax.set(xlabel="step", ylabel=f"Avg@{evals[0]['eval_k']}", title="held-out accuracy", ylim=(0, 1.02))
-        ax.legend(fontsize=8)
-    for (title, ylabel, lines), ax in zip(curves, panels):
-        for color, (key, label) in enumerate(lines):
-            points = [(r["step"], r[key]) for r in train if key in r]
-            steps, values = zip(*points)
-            mean = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
-            ax.plot(steps, values, color=f"C{color}", alpha=0.25, lw=0.8)
-            ax.plot(steps, mean, color=f"C{color}", label=label)
-        ax.set(xlabel="step", ylabel=ylabel, title=title)
-        ax.legend(fontsize=8)
-    for ax in panels:  # the grid's empty cells
-        ax.axis("off")
-    fig.tight_layout()
-    qwen3.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    return titles
+def summary_line(m):
+    """The step's progress line: its loss and what the step logged of rewards, margin, lengths, time and memory."""
+    shown = [("loss", "loss {:.4f}"), ("student_reward", "r_student {:.2f}"), ("teacher_reward", "r_teacher {:.2f}"),
+             ("margin", "margin {:+.2f}"), ("student_length", "len {:.0f}"), ("generation_seconds", "gen {:.1f}s"),
+             ("train_seconds", "train {:.1f}s"), ("peak_memory_gb", "mem {:.1f}GB")]
+    return " ".join(form.format(m[key]) for key, form in shown if key in m)
 
 
 def greedy_accuracy(model, tokenizer, examples, config, role="student"):
@@ -980,6 +775,108 @@ def main(argv):
         print_summary_table(trainer, time.time() - start, with_greedy=toy)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- the toy world: what `python pbsd.py` runs with no --model
+
+# The toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
+# built-in arithmetic word problems, warm-started by SFT on student and teacher prompts so that the student
+# is mediocre and the teacher (which reads the worked solution) is good; then PBSD through the same loop.
+TOY_WORLD = dict(out_dir="out/toy", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=300,
+                 batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=30, dtype="float32",
+                 gradient_checkpointing=False, compile=False, eval_every=50, eval_k=4, eval_problems=200,
+                 save_every=50, keep_last=2,
+                 # short prompts keep a 4-layer model's sequences short; the real templates are data.TEMPLATES
+                 student_template="{problem}\nPut the final answer in \\boxed{}.",
+                 teacher_template="{problem}\nReference solution:\n{solution}\n"
+                                  "Solve it in your own words and put the final answer in \\boxed{}.")
+TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=512,
+                 tie_word_embeddings=True)
+TOY_TRAIN, TOY_HELD_OUT = 4000, 200  # problems (seeds 1 and 2 of data.synthetic_math)
+# one addition or subtraction on numbers up to 40: after the warm start the student answers about a quarter of
+# them right even greedily, the teacher (which copies the result from the worked solution) all of them
+TOY_TASK = dict(steps=(1, 1), max_value=40)
+TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024)
+
+
+def toy_recipe(config):
+    """Everything the toy checkpoint and its problems follow from, but the seed: runs of any seed share one."""
+    return {"task": TOY_TASK, "problems": [TOY_TRAIN, TOY_HELD_OUT], "model": TOY_MODEL,
+            "warm_start": {**TOY_WARM_START, "steps": config.toy_warm_start_steps},
+            "templates": [config.student_template, config.teacher_template]}
+
+
+
+
+def build_toy_world(config):
+    """
+    Writes out_dir/toy_base: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
+    warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the
+    loop then reads like any data set. A later run with the same recipe (toy_recipe) finds the folder and skips
+    the work; one with another moves the folder to earlier_runs/ and builds anew. Returns its path.
+    """
+    path = os.path.join(config.out_dir, "toy_base")
+    recipe = json.loads(json.dumps(toy_recipe(config)))  # as warm_start.json holds it (tuples become lists)
+    if os.path.exists(os.path.join(path, "warm_start.json")):
+        built = json.load(open(os.path.join(path, "warm_start.json"))).get("recipe", {})
+        if built == recipe:
+            return path
+        # reusing a cache built from other settings would silently train another world than the one asked for
+        changed = [key for key in recipe if built.get(key) != recipe[key]]
+        archive = earlier_runs_folder(config.out_dir)
+        os.replace(path, os.path.join(archive, "toy_base"))
+        print(f"[toy] {path} was built with other settings ({', '.join(changed)}); moved it to {archive}",
+              file=sys.stderr)
+    print(f"[toy] building the toy world in {path} (cached for the next run)", file=sys.stderr)
+    start = time.time()
+    held_out = data.synthetic_math(TOY_HELD_OUT, seed=2, **TOY_TASK)
+    seen = {e.problem for e in held_out}
+    train = [e for e in data.synthetic_math(TOY_TRAIN, seed=1, **TOY_TASK) if e.problem not in seen]
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    data.write_examples(os.path.join(tmp, "train.jsonl"), train)
+    data.write_examples(os.path.join(tmp, "held_out.jsonl"), held_out)
+    student_template, teacher_template = config.student_template or None, config.teacher_template or None
+    texts = [data.teacher_prompt(e, template=teacher_template) + e.solution + data.IM_END for e in train[:1000]]
+    tokenizer = data.train_tokenizer(texts, TOY_WARM_START["vocab_size"], tmp)
+    torch.manual_seed(config.seed)
+    model = qwen3.Qwen3(qwen3.Qwen3Config(vocab_size=tokenizer.tokenizer.get_vocab_size(), **TOY_MODEL))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.02)
+
+    # SFT on a 50/50 mix of student and teacher prompts, each followed by the worked solution
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_WARM_START["lr"], weight_decay=0.0)
+    steps, batch_size = config.toy_warm_start_steps, TOY_WARM_START["batch_size"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    progress = evaluation.Progress(steps, "toy warm start")
+    rng = random.Random(config.seed)
+    end_of_turn = tokenizer.encode(data.IM_END)
+    for step in range(steps):
+        batch = rng.sample(train, batch_size)
+        prompts = [data.teacher_prompt(e, tokenizer, template=teacher_template) if i % 2 else
+                   data.student_prompt(e, tokenizer, template=student_template) for i, e in enumerate(batch)]
+        responses = [tokenizer.encode(e.solution) + end_of_turn for e in batch]
+        hidden, targets, _, _ = response_hidden(model, prompts, responses)
+        loss = -kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 49 or step == steps - 1:
+            progress.update(step + 1, f"sft loss {loss.item():.3f}")
+
+    model.requires_grad_(False)
+    qwen3.save_qwen3(model, tmp)
+    json.dump({"eos_token_id": list(tokenizer.eos_ids)}, open(os.path.join(tmp, "generation_config.json"), "w"))
+    json.dump({"recipe": recipe, "seed": config.seed, "seconds": round(time.time() - start, 1)},
+              open(os.path.join(tmp, "warm_start.json"), "w"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
 
 
 if __name__ == "__main__":

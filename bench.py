@@ -1,13 +1,10 @@
 """
 Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a CPU, a scaled-down shape.
 
-    python bench.py gpu         # the one call a lent GPU makes: sampler and training figures, profiles, CUDA tests
+    python bench.py gpu         # the one call a lent GPU makes: ceilings, sampler, kernels, training, CUDA tests
     python bench.py sampler     # new tokens/s and GB/s of the KV-cache sampler, against transformers' generate
     python bench.py kernels     # peak memory and time of the chunked loss kernels against full-logits versions
     python bench.py train       # one PBSD step: rollout tokens/s, trained tokens/s, MFU, generation vs training
-    python bench.py profile     # the top kernels of the decode steps at batch 1 and of a training step, and traces
-    python bench.py decode      # a decode step's matrix-vector products and attention, each against alternatives
-    python bench.py activations # the bytes a block keeps for backward per token, at the 1.7B and 8B shapes
     python bench.py toy         # the toy world: every objective, three seeds, same warm start and budget
     python bench.py beta        # the toy world: PBSD at six values of beta, three seeds each
     python bench.py wrong_references  # the toy world's objectives where half the reference solutions end wrong
@@ -26,11 +23,8 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
 
 import kernels
 import model as qwen3
@@ -111,7 +105,7 @@ def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf
     and transformers' generate at hf_batches over the first hf_new_tokens. transformers spends ~0.1 s a step on a
     GPU host and a step costs it more as its cache grows, so timing its first tokens only flatters it: the
     speed-up is a lower bound. The first call's seconds, apart: it compiles the decode step (once a process for
-    each kind of step; with coordinate descent tuning at batch 1) and records its CUDA graphs.
+    each kind of step) and records its CUDA graphs.
     """
     config, dtype = model.config, model.embed_tokens.weight.dtype
     prompt_len, new_tokens = SAMPLER_PROMPT, SAMPLER_NEW
@@ -162,96 +156,6 @@ def sampler_speed(model, batches=SAMPLER_BATCHES, hf_batches=SAMPLER_BATCHES, hf
                  "first call s"], rows)
 
 
-def sampler_both_roles(model, batches=SAMPLER_BATCHES[:2]):
-    """
-    A PBSD step samples the student (LoRA on) and the teacher (LoRA off, whose prompt adds a reference solution):
-    as two calls, or as one batch that switches the adapters per row, its student rows padded apart from the
-    teacher's where that saves SEGMENT_MIN_SAVING row-slots (qwen3.prompt_segments), or padded with them.
-    The model has LoRA applied.
-    """
-    prompt_len, new_tokens, vocab = SAMPLER_PROMPT, SAMPLER_NEW, model.config.vocab_size
-    solution_len = 1024
-    rows = []
-    for batch in batches:
-        student = torch.randint(0, vocab, (batch, prompt_len)).tolist()
-        teacher = torch.randint(0, vocab, (batch, prompt_len + solution_len)).tolist()
-
-        def two_calls():
-            qwen3.generate(model, student, new_tokens, seed=0, compile=CUDA)
-            with qwen3.adapters_off(model):
-                qwen3.generate(model, teacher, new_tokens, seed=1, compile=CUDA)
-
-        one_batch = lambda: qwen3.generate(model, student + teacher, new_tokens, seed=0, compile=CUDA,
-                                           adapters=[True] * batch + [False] * batch)
-
-        def one_segment():
-            saving, qwen3.SEGMENT_MIN_SAVING = qwen3.SEGMENT_MIN_SAVING, math.inf
-            try:
-                one_batch()
-            finally:
-                qwen3.SEGMENT_MIN_SAVING = saving
-
-        segments = len(qwen3.prompt_segments([prompt_len] * batch + [prompt_len + solution_len] * batch,
-                                             [1] * 2 * batch))
-        separate, padded, together = (timed(fn, repeats=2) for fn in (two_calls, one_segment, one_batch))
-        rows.append([batch, f"{2 * batch * new_tokens / separate:,.0f}", f"{2 * batch * new_tokens / padded:,.0f}",
-                     f"{2 * batch * new_tokens / together:,.0f}", segments, f"{separate / together:.2f}x"])
-    print_table(f"sampler, both roles with LoRA r=64: {prompt_len}-token student and {prompt_len + solution_len}-token "
-                f"teacher prompts, {new_tokens} new tokens each; tok/s", ["prompts per role", "two calls",
-                                                                         "one batch, padded together", "one batch",
-                                                                         "its segments", "speed-up"], rows)
-
-
-def sampler_stopping_rows(model):
-    """
-    Rollouts of different lengths, as a real run's are (a few hundred tokens to the budget). Random weights never
-    stop on their own, so the first n ids are made end-of-sequence ids: a step draws one with probability about
-    n / V and rows stop at geometric lengths, half the budget on average. Finished rows leave the decode steps
-    every 32 steps (qwen3.compact), or every row runs to the end, as before.
-    """
-    batch, budget = (64, SAMPLER_NEW) if CUDA else (32, 256)
-    prompts = torch.randint(0, model.config.vocab_size, (batch, SAMPLER_PROMPT)).tolist()
-    stop_ids = tuple(range(round(2 * model.config.vocab_size / budget)))
-    run = lambda: qwen3.generate(model, prompts, budget, seed=0, eos_ids=stop_ids, compile=CUDA)
-    lengths = [len(r.tokens) for r in run()]
-    compact = qwen3.compact
-    try:
-        qwen3.compact = lambda state, caches, segment_rows, *rest: segment_rows
-        every_row = timed(run, repeats=1)
-    finally:
-        qwen3.compact = compact
-    leaving = timed(run, repeats=1)
-    print_table(f"sampler, rows that stop at different lengths: batch {batch}, LoRA r=64 on, {SAMPLER_PROMPT} prompt "
-                f"tokens, up to {budget} new ({len(stop_ids)} stop ids); tok/s of the tokens sampled",
-                ["batch", "mean length", "cut at the budget", "every row to the end", "finished rows leave",
-                 "speed-up"],
-                [[batch, f"{sum(lengths) / batch:,.0f}", f"{sum(n == budget for n in lengths) / batch:.0%}",
-                  f"{sum(lengths) / every_row:,.0f}", f"{sum(lengths) / leaving:,.0f}", f"{every_row / leaving:.2f}x"]])
-
-
-def sampler_prefill(model):
-    """
-    The prefill of long prompts, as a teacher's with a reference solution: causal with no mask, so attention runs a
-    fused kernel whose memory grows with the prompt, not its square. One new token, so the call is the prefill;
-    its KV cache allocated afresh, so the peak counts the cache and the activations.
-    """
-    rows = []
-    for n_prompts, length in ((64, 1024), (32, 4096), (8, 8192)) if CUDA else ((4, 512), (2, 2048)):
-        prompts = torch.randint(0, model.config.vocab_size, (n_prompts, length)).tolist()
-        run = lambda: qwen3.generate(model, prompts, 1, seed=0)
-        qwen3._kv_storage.clear()
-        qwen3._kv_row_slots.clear()
-        if CUDA:
-            torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated() if CUDA else 0
-        seconds = timed(run, repeats=2)
-        peak_gb = (torch.cuda.max_memory_allocated() - start) / 1e9 if CUDA else float("nan")
-        rows.append([n_prompts, length, f"{n_prompts * length / seconds:,.0f}",
-                     f"{n_prompts * length * kv_bytes_per_token(model) / 1e9:,.2f}", fmt(peak_gb, ",.2f")])
-    print_table(f"sampler, prefill of long prompts (LoRA r=64 on; one new token): tokens/s and the call's peak memory",
-                ["prompts", "tokens each", "prompt tok/s", "their keys and values GB", "peak GB"], rows)
-
-
 def with_lora(model):
     """The model with LoRA r=64 on all seven projections, applied once."""
     if not qwen3.lora_modules(model):
@@ -260,138 +164,7 @@ def with_lora(model):
 
 
 def bench_sampler():
-    model = sampler_model()
-    sampler_speed(model)
-    sampler_both_roles(with_lora(model))
-    sampler_stopping_rows(model)
-    sampler_prefill(model)
-
-
-def per_call_seconds(fn, argument_sets, repeats=20):
-    """
-    Seconds per fn(*arguments), cycling over argument sets (different weights or caches, as the layers of a step
-    are, so the L2 cache does not serve them); on CUDA the cycle is recorded as one CUDA graph, as the sampler's
-    decode step is, so launch gaps are those of a graph.
-    """
-    def cycle():
-        for arguments in argument_sets:
-            fn(*arguments)
-
-    run = cycle
-    if CUDA:  # the sampler's own recording: the first call compiles and records, every later one replays
-        graphs = {}
-        run = lambda: qwen3.replay_or_record(graphs, "cycle", cycle)
-    return timed(lambda: [run() for _ in range(repeats)]) / (repeats * len(argument_sets))
-
-
-def split_kv_attention(q, k, v, mask, split=256):
-    """
-    One query per row against the cache in splits of the window (flash-decoding): q (B, Hkv, G, hd), k and v
-    (B, Hkv, W, hd), mask (B, 1, 1, W), W a multiple of split -> (B, Hkv, G, hd). Each split gets its own softmax
-    statistics, so the window is read by W/split times more blocks than one per KV head; the splits then merge:
-    out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s, with m_s, l_s, o_s split s's max, sum and unnormalised
-    output.
-    """
-    B, Hkv, G, hd = q.shape
-    n_splits = k.shape[2] // split
-    k, v = k.view(B, Hkv, n_splits, split, hd), v.view(B, Hkv, n_splits, split, hd)
-    scores = torch.einsum("bhgd,bhsnd->bhsgn", q, k).float() * hd ** -0.5  # (B, Hkv, S, G, n)
-    scores = scores.masked_fill(~mask.view(B, 1, n_splits, 1, split), float("-inf"))
-    split_max = scores.amax(-1, keepdim=True).clamp(min=-1e30)  # a fully masked split: finite, and weight 0
-    p = (scores - split_max).exp()
-    split_out = torch.einsum("bhsgn,bhsnd->bhsgd", p.to(v.dtype), v).float()  # (B, Hkv, S, G, hd)
-    weight = (split_max - split_max.amax(2, keepdim=True)).exp()  # (B, Hkv, S, G, 1)
-    return ((weight * split_out).sum(2) / (weight * p.sum(-1, keepdim=True)).sum(2)).to(q.dtype)
-
-
-def flex_decode_attention(q, k, v, mask):
-    """
-    The same attention through FlexAttention, the mask applied as a score modification: compiled on a GPU, a
-    query this short gets its decoding kernel, which splits the window across blocks as the form above does.
-    """
-    keep = mask[:, 0, 0]  # (B, W)
-    return flex_attention(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx:
-                          torch.where(keep[b, kv_idx], score, float("-inf")))
-
-
-def bench_decode():
-    """
-    The parts of a decode step where the batch-1 gap to the roofline lies, each against alternatives: the
-    projections' matrix-vector products (F.linear, which is cuBLAS on a GPU, and the same product written as a
-    multiply and a sum, which Inductor compiles into a Triton reduction there, as it does the one-row decode
-    step's products: qwen3.compiled_step), and attention over the cache with the sampler's mask (each SDPA
-    backend, the split form and FlexAttention above). On a GPU the compiled variants tune their kernels
-    (coordinate descent, as gpt-fast does) the first time: a few minutes.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    # eager (on a CPU) FlexAttention materializes the scores, as the math backend does, and warns that it does
-    warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-    shape = QWEN3_1_7B if CUDA else CPU_SHAPE
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    D, H, Hkv, hd = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
-    layers = shape["num_hidden_layers"]
-    compiled = (lambda fn: torch.compile(fn, dynamic=False, options={"coordinate_descent_tuning": True})) if CUDA \
-        else (lambda fn: fn)
-    torch.manual_seed(0)
-
-    rows = []
-    multiply_and_sum = compiled(lambda x, w: (x[:, None, :] * w).sum(-1))
-    I, V = shape["intermediate_size"], shape["vocab_size"]
-    for name, n_in, n_out, count in [("q,k,v", D, (H + 2 * Hkv) * hd, layers), ("o", H * hd, D, layers),
-                                     ("gate,up", D, 2 * I, layers), ("down", I, D, layers), ("head", D, V, 1)]:
-        weights = [torch.randn(n_out, n_in, device=DEVICE, dtype=dtype) * n_in ** -0.5 for _ in range(max(count, 2))]
-        x = torch.randn(1, n_in, device=DEVICE, dtype=dtype)
-        reference = x.double() @ weights[0].double().T
-        for fn in (F.linear, multiply_and_sum):
-            assert (fn(x, weights[0]).double() - reference).abs().max() < 2e-2 * reference.abs().max()
-        megabytes = n_out * n_in * dtype.itemsize / 1e6
-        row = [name, f"{n_in} x {n_out}", f"{megabytes:,.1f}", count]
-        for fn in (F.linear, multiply_and_sum):
-            seconds = per_call_seconds(fn, [(x, w) for w in weights])
-            row += [f"{seconds * 1e6:,.1f}", f"{megabytes / 1e3 / seconds:,.0f}"]
-        rows.append(row)
-        del weights
-    print_table(f"decode parts: matrix-vector products at batch 1, {str(dtype)[6:]} on {device_name()} "
-                f"(copies of each weight cycled, so that the L2 cache does not serve them)",
-                ["projection", "in x out", "MB", "per step", "F.linear us", "GB/s", "multiply-sum us", "GB/s"], rows)
-
-    def with_backend(backend):
-        def attend(q, k, v, mask):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return attend
-
-    variants = {"SDPA default": F.scaled_dot_product_attention,
-                "efficient": with_backend(SDPBackend.EFFICIENT_ATTENTION),
-                "cuDNN": with_backend(SDPBackend.CUDNN_ATTENTION), "math": with_backend(SDPBackend.MATH),
-                "split": compiled(split_kv_attention), "flex": compiled(flex_decode_attention)}
-    rows = []
-    for batch in (1, 16):
-        for window in ((256, 1024, 2304) if CUDA else (256, 512)):
-            q = torch.randn(batch, Hkv, H // Hkv, hd, device=DEVICE, dtype=dtype)
-            caches = [(torch.randn(batch, Hkv, window, hd, device=DEVICE, dtype=dtype),
-                       torch.randn(batch, Hkv, window, hd, device=DEVICE, dtype=dtype)) for _ in range(layers)]
-            # the sampler's mask: each row attends the slots up to its position, a prefix as long as its prompt and
-            # the tokens fed since (a short row leaves whole splits unattended), then the rest of the window
-            slots = torch.arange(window, device=DEVICE)
-            position = window - 100 - (torch.arange(batch, device=DEVICE) * 300) % (window - 128)
-            mask = (slots <= position[:, None])[:, None, None, :]  # (B, 1, 1, W)
-            reference = F.scaled_dot_product_attention(q.double(), caches[0][0].double(), caches[0][1].double(),
-                                                       attn_mask=mask)
-            kv_megabytes = 2 * batch * Hkv * window * hd * dtype.itemsize / 1e6
-            row = [batch, window, f"{kv_megabytes:,.2f}"]
-            for name, fn in variants.items():
-                try:
-                    got = fn(q, *caches[0], mask)
-                except RuntimeError:  # no kernel of this backend for these inputs on this device
-                    row.append("n/a")
-                    continue
-                assert (got.double() - reference).abs().max() < 2e-2 * reference.abs().max(), name
-                row.append(f"{per_call_seconds(fn, [(q, k, v, mask) for k, v in caches]) * 1e6:,.1f}")
-            rows.append(row)
-    print_table(f"decode parts: attention of one layer, one query per row, {H} heads on {Hkv} KV heads, "
-                f"{str(dtype)[6:]} on {device_name()}, us per call (a step makes {layers})",
-                ["batch", "window", "K+V MB", *variants], rows)
+    sampler_speed(sampler_model())
 
 
 def naive_token_logprobs(hidden, weight, targets):
@@ -405,44 +178,6 @@ def naive_jsd(student_hidden, teacher_hidden, weight, beta=0.5):
     mixture = torch.logaddexp(teacher_logp + torch.log(torch.tensor(beta)), student_logp + torch.log(torch.tensor(1 - beta)))
     return (beta * (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
             + (1 - beta) * (student_logp.exp() * (student_logp - mixture)).sum(-1))
-
-
-def kept_for_backward(block, x, cos, sin):
-    """Bytes of the tensors autograd keeps for the backward of block(x), each storage counted once."""
-    kept = {}
-
-    def pack(tensor):
-        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        block(x, cos, sin, None)
-    return sum(kept.values())
-
-
-def bench_activations():
-    """
-    What gradient checkpointing saves: the bytes a block keeps for backward per token, counted with autograd's
-    saved-tensor hooks on one block of each shape, eager on the CPU, bf16, LoRA r=64 on all seven projections.
-    The count is the slope between two lengths: the weights a block keeps do not grow with it.
-    """
-    rows = []
-    for name, shape in (("Qwen3-1.7B", QWEN3_1_7B), ("Qwen3-8B", QWEN3_8B)):
-        config = qwen3.Qwen3Config(**{**shape, "vocab_size": 16, "num_hidden_layers": 1})
-        torch.manual_seed(0)
-        model = qwen3.Qwen3(config).to(torch.bfloat16).requires_grad_(False)
-        qwen3.apply_lora(model)
-
-        def kept(length):
-            # the block's input carries gradient, as after the first block's adapters
-            x = torch.randn(1, length, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-            cos, sin = qwen3.rope_cos_sin(torch.arange(length)[None], config.head_dim, config.rope_theta, x.dtype)
-            return kept_for_backward(model.layers[0], x, cos, sin)
-        per_token = (kept(256) - kept(128)) / 128
-        blocks = shape["num_hidden_layers"]
-        rows.append([name, f"{per_token / 1e3:,.1f}", f"{blocks * per_token / 1e6:,.2f}",
-                     f"{blocks * config.hidden_size * 2 / 1e3:,.0f}"])
-    print_table("activations: bytes kept for backward per token; bf16, LoRA r=64 on all seven projections, eager",
-                ["shape", "KB per block", "MB over all blocks", "KB with gradient checkpointing (block inputs)"], rows)
 
 
 def bench_kernels():
@@ -483,9 +218,8 @@ def bench_kernels():
 def pbsd_step():
     """
     A PBSD step on prompts of random tokens, as functions: generation(prompts_per_call) samples both roles of
-    prompts_per_call prompts per sampler call (all of them, as the loop does; micro_batch of them, as the loop did
-    before 0cb02b5) and returns the new tokens; training(gradient_checkpointing) scores the rollouts with both
-    models micro_batch prompts at a time, as the loop does, backpropagates and takes the optimizer step.
+    prompts_per_call prompts per sampler call and returns the new tokens; training(gradient_checkpointing) scores
+    the rollouts with both roles micro_batch prompts at a time, as the loop does, backpropagates and steps.
     """
     import pbsd
     shape = QWEN3_1_7B if CUDA else CPU_SHAPE
@@ -494,8 +228,6 @@ def pbsd_step():
     micro_batch = 4 if CUDA else 1  # prompts: the loop's default, and its CPU stand-in
     kernels.compile_kernels = CUDA
     model = random_model(shape, dtype)
-    if CUDA:
-        qwen3.compile_blocks(model)
     lora = qwen3.apply_lora(model)
     optimizer = torch.optim.AdamW(lora, lr=1e-5)
     student_prompts = torch.randint(0, shape["vocab_size"], (prompts_per_step, prompt_len)).tolist()
@@ -520,10 +252,10 @@ def pbsd_step():
         for first in range(0, prompts_per_step, micro_batch):
             part = slice(first, first + micro_batch)
             responses = student_responses[part] + teacher_responses[part]  # y- then y+ of each prompt
-            hidden, targets, rows, _ = pbsd.response_hidden(model, student_prompts[part] * 2, responses)
+            hidden, targets, rows = pbsd.response_hidden(model, student_prompts[part] * 2, responses)
             student = kernels.token_logprobs(hidden, weight, targets)
             with torch.no_grad(), qwen3.adapters_off(model):
-                teacher_hidden, _, _, _ = pbsd.response_hidden(model, teacher_prompts[part] * 2, responses)
+                teacher_hidden, _, _ = pbsd.response_hidden(model, teacher_prompts[part] * 2, responses)
                 teacher = kernels.token_logprobs(teacher_hidden, weight, targets)
             sums = pbsd.sequence_sums(student, rows, len(responses))
             teacher_sums = pbsd.sequence_sums(teacher, rows, len(responses))
@@ -593,55 +325,7 @@ def bench_train():
     return step
 
 
-PROFILE_DIR = "out/bench_profile"
-
-
-def profile_report(name, run, per, unit, top=20):
-    """
-    The kernels (ops, on a CPU) that take the most time in run(), after a warm-up run that keeps compilation and
-    CUDA graph recording out of the profile, per `per` units; and a Chrome trace in PROFILE_DIR (open it in Perfetto).
-    """
-    from torch.profiler import ProfilerActivity, profile
-    os.makedirs(PROFILE_DIR, exist_ok=True)
-    run()
-    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
-        run()
-        synchronize()
-    events = [(e.self_device_time_total if CUDA else e.self_cpu_time_total, e.count, e.key)
-              for e in prof.key_averages()]
-    events = sorted((e for e in events if e[0] > 0), reverse=True)
-    total = sum(us for us, _, _ in events)
-    rows = [[key[:90], f"{count / per:,.1f}", f"{us / per:,.1f}", f"{100 * us / total:.1f}%"]
-            for us, count, key in events[:top]]
-    rows.append(["(all)", f"{sum(c for _, c, _ in events) / per:,.1f}", f"{total / per:,.1f}", "100%"])
-    print_table(f"profile: {name} on {device_name()}, {'GPU kernels' if CUDA else 'CPU ops'} by self time "
-                f"per {unit}", ["kernel" if CUDA else "op", f"calls per {unit}", f"us per {unit}", "share"], rows)
-    trace = os.path.join(PROFILE_DIR, name.split(",")[0].replace(" ", "_") + ".json")
-    prof.export_chrome_trace(trace)
-    print(f"trace: {trace}")
-
-
-def profile_decode(model):
-    steps = 256 if CUDA else 32
-    prompt = torch.randint(0, model.config.vocab_size, (1, SAMPLER_PROMPT)).tolist()
-    profile_report(f"sampler decode, batch 1, {steps} new tokens",
-                   lambda: qwen3.generate(model, prompt, steps, seed=0, compile=CUDA), steps, "token")
-
-
-def profile_training(step):
-    profile_report("training step, as bench.py train", step["training"], 1, "step")
-
-
-def bench_profile():
-    """Where the time goes in the sampler's decode steps at batch 1 and in bench_train's training step."""
-    model = sampler_model()
-    profile_decode(model)
-    del model
-    profile_training(pbsd_step())
-
-
-# A lent GPU has 15 minutes in all, its start-up and every call included, and a first compilation can take minutes
-# there: `bench.py gpu` is one call that fits, the figures of the open goals first
+# A lent GPU has 15 minutes in all, its start-up and every call included: `bench.py gpu` is one call that fits
 GPU_SECONDS = 540
 
 
@@ -679,28 +363,21 @@ def bench_ceilings():
 
 def bench_gpu():
     """
-    The one call a GPU session makes: the two goals still open first (the sampler at batch 1, the training step's
-    MFU), then the sampler at batch 64 and 128 (goals met at 753cb6d, measured again), a profile of the batch-1
-    decode steps and of the training step, the CUDA tests, and the rest of bench.py sampler and decode. A part
-    starts only while GPU_SECONDS last; each prints its table as it ends, so a run cut off keeps what came before
-    (the first call at batch 1 compiles with coordinate descent tuning, minutes perhaps, and must not cost the
-    training figure), and a part that fails prints its traceback and leaves the rest to run.
+    The one call a GPU session makes: the device's ceilings, the sampler at batch 1, the training step, the
+    sampler at larger batches, the kernels, then the CUDA tests. A part starts only while GPU_SECONDS last; each
+    prints its table as it ends, so a run cut off keeps what came before, and a part that fails prints its
+    traceback and leaves the rest to run.
     """
     start = time.time()
     model = sampler_model()
-    step, failed = {}, []
+    failed = []
     parts = [("ceilings", bench_ceilings),
              ("sampler, batch 1", lambda: sampler_speed(model, (1,), hf_batches=())),
-             ("train", lambda: step.update(bench_train())),
-             ("sampler, larger batches", lambda: sampler_speed(model, (64, 128) if CUDA else (8,),
+             ("train", bench_train),
+             ("sampler, larger batches", lambda: sampler_speed(model, (16, 64, 128) if CUDA else (8,),
                                                                hf_batches=(64,) if CUDA else (8,), hf_new_tokens=128)),
-             ("decode profile", lambda: profile_decode(model)),
-             ("training profile", lambda: profile_training(step)),
-             ("CUDA tests", lambda: cuda_tests(GPU_SECONDS - (time.time() - start) - 10)),
-             ("both roles", lambda: sampler_both_roles(with_lora(model))),
-             ("rows that stop", lambda: sampler_stopping_rows(with_lora(model))),
-             ("prefill", lambda: sampler_prefill(with_lora(model))),
-             ("decode parts", bench_decode)]
+             ("kernels", bench_kernels),
+             ("CUDA tests", lambda: cuda_tests(GPU_SECONDS - (time.time() - start) - 10))]
     for name, run in parts:
         left = GPU_SECONDS - (time.time() - start)
         if left < 30:
@@ -904,7 +581,7 @@ def datasheet():
 
 if __name__ == "__main__":
     benches = {"gpu": bench_gpu, "sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train,
-               "profile": bench_profile, "decode": bench_decode, "activations": bench_activations, "toy": bench_toy,
+               "toy": bench_toy,
                "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta"), "wrong_references": bench_wrong_references}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]

@@ -3,10 +3,12 @@ Everything between a data file and a reward: examples, the tokenizer, the studen
 the verifiable rewards (math answers, tool calls), and the built-in synthetic tasks.
 """
 
+import glob
 import json
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -40,53 +42,93 @@ def last_boxed(text):
     return None  # unbalanced: the box was cut off
 
 
-# Data files: JSONL, JSON (a list of objects) and Parquet, the formats OpenThoughts, AIME, HMMT and AMO-Bench ship in.
+# Data files: JSONL, JSON (a list of objects) and Parquet, the formats the published sets ship in; a data set is a
+# file, a folder (as a download leaves it, the shards perhaps in a data/ folder inside) or a glob.
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+# the names the published sets give each field, in the order they are tried where no key is given
+FIELD_NAMES = {"problem": ("problem", "question", "Problem", "Question"),
+               "answer": ("answer", "Answer", "final_answer"), "solution": ("solution", "Solution")}
 
 
-def _read_rows(path):
-    """Yields (row number, dict) from a JSONL, JSON or Parquet file; row numbers are 1-based."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: data file does not exist")
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
-    elif path.endswith(".json"):
-        try:
-            rows = json.load(open(path))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
-        yield from enumerate(rows, start=1)
+def data_files(spec):
+    """A file, a folder (its data files and those of a data/ folder inside it, in name order) or a glob -> paths."""
+    if os.path.isdir(spec):
+        files = sorted(path for folder in (spec, os.path.join(spec, "data")) if os.path.isdir(folder)
+                       for path in glob.glob(os.path.join(folder, "*")) if path.endswith(DATA_SUFFIXES))
+    elif glob.has_magic(spec):
+        files = sorted(glob.glob(spec))
+    elif os.path.exists(spec):
+        files = [spec]
     else:
-        with open(path) as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield line_number, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: invalid JSON at line {line_number}: {e.msg}") from None
+        raise DataError(f"{spec}: data file does not exist")
+    if not files:
+        raise DataError(f"{spec}: no {', '.join(DATA_SUFFIXES)} files there")
+    return files
 
 
-def load_examples(path, problem_key="problem", solution_key="solution", answer_key="answer"):
-    """Math examples; a row without an answer takes the last \\boxed{} of its solution."""
+def _read_rows(spec):
+    """Yields (file, row number, dict) from every file of a data set; row numbers are 1-based, per file."""
+    for path in data_files(spec):
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            yield from ((path, number, row) for number, row in enumerate(pq.read_table(path).to_pylist(), start=1))
+        elif path.endswith(".json"):
+            try:
+                rows = json.load(open(path))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+            yield from ((path, number, row) for number, row in enumerate(rows, start=1))
+        else:
+            for number, line in enumerate(open(path), start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: invalid JSON at line {number}: {e.msg}") from None
+                    yield path, number, row
+
+
+def as_answer(value):
+    """An answer as text: the integers AIME and AMC store as numbers (23, 23.0) become '23'."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return None if value is None or value == "" else str(value)
+
+
+def load_examples(spec, problem_key="", solution_key="", answer_key=""):
+    """
+    Math examples from a data set (data_files). A key given wins; else each field takes the first of its
+    FIELD_NAMES that the data has, and the columns used are printed once. A row without an answer takes the last
+    \\boxed{} of its solution; a set without a solution column leaves it empty (evaluation needs none).
+    """
+    rows = list(_read_rows(spec))
+    for path, number, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {number} is not an object")
+    columns = dict.fromkeys(key for _, _, row in rows for key in row)  # every row's, in order of appearance
+    given = {"problem": problem_key, "solution": solution_key, "answer": answer_key}
+    chosen = {field: given[field] or next((name for name in names if name in columns), None)
+              for field, names in FIELD_NAMES.items()}
+    if rows and chosen["problem"] not in columns:
+        raise DataError(f"{rows[0][0]}: no problem column (tried {problem_key or ', '.join(FIELD_NAMES['problem'])}); "
+                        f"its columns are {', '.join(map(str, columns))}")
+    if rows and os.environ.get("RANK", "0") == "0":  # said once, not once a torchrun rank
+        print(f"[data] {spec}: " + ", ".join(f"{field} <- {name!r}" for field, name in chosen.items()),
+              file=sys.stderr)
     examples = []
-    for row_number, row in _read_rows(path):
-        if not isinstance(row, dict) or not row.get(problem_key):
-            raise DataError(f"{path}: row {row_number} has no {problem_key!r} field")
-        solution = str(row.get(solution_key) or "")
-        answer = row.get(answer_key)
-        answer = str(answer) if answer not in (None, "") else last_boxed(solution)
+    for path, number, row in rows:
+        if not row.get(chosen["problem"]):
+            raise DataError(f"{path}: row {number} has no {chosen['problem']!r} field")
+        solution = str(row.get(chosen["solution"]) or "")
+        answer = as_answer(row.get(chosen["answer"])) or last_boxed(solution)
         if answer is None:
-            raise DataError(f"{path}: row {row_number} has no {answer_key!r} field and no \\boxed{{}} answer "
-                            f"in its {solution_key!r} field")
-        examples.append(Example(str(row[problem_key]), answer, solution))
+            tried = chosen["answer"] or ", ".join(FIELD_NAMES["answer"])
+            raise DataError(f"{path}: row {number} has no answer ({tried}) and no \\boxed{{}} answer in its solution")
+        examples.append(Example(str(row[chosen["problem"]]), answer, solution))
     if not examples:
-        raise DataError(f"{path}: no examples in the file")
+        raise DataError(f"{spec}: no examples in the data")
     return examples
 
 
@@ -123,16 +165,16 @@ def load_tool_examples(path, request_key="instruction", docs_key="documentation"
                        arguments_key="action_input"):
     """ToolAlpaca-style rows: the request, the API documentation, the reference action and its JSON arguments."""
     examples = []
-    for row_number, row in _read_rows(path):
+    for file, row_number, row in _read_rows(path):
         for key in (request_key, docs_key, action_key):
             if not isinstance(row, dict) or not row.get(key):
-                raise DataError(f"{path}: row {row_number} has no {key!r} field")
+                raise DataError(f"{file}: row {row_number} has no {key!r} field")
         arguments = row.get(arguments_key, {})
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: row {row_number}: {arguments_key!r} is not JSON ({e.msg})") from None
+                raise DataError(f"{file}: row {row_number}: {arguments_key!r} is not JSON ({e.msg})") from None
         call = format_tool_call(row[action_key], arguments)
         problem = f"{row[request_key]}\n\nAvailable APIs:\n{row[docs_key]}"
         examples.append(Example(problem, json.dumps({"name": row[action_key], "arguments": arguments}),

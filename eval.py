@@ -246,15 +246,56 @@ def plot_run(metrics_path, png_path):
     plt.close(fig)
     return titles
 
+def greedy_accuracy(model, tokenizer, examples, config, role="student"):
+    """
+    The share of the problems a role answers right greedily, one answer each at temperature 0 (wrap the call in
+    adapters_off for the warm start or the teacher). Avg@k at temperature 1 also counts the sampling mass off the
+    model's most likely answer; this is that answer.
+    """
+    template = config.teacher_template if role == "teacher" else config.student_template
+    return evaluate(model, tokenizer, examples, k=1, temperature=0.0, role=role, template=template or None,
+                               max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
+                               thinking=config.thinking, show_progress=False)["avg_at_k"]
+
+
+def print_run_table(trainer, seconds, with_greedy):
+    """
+    The run's first and last held-out evaluations side by side; with_greedy (the toy world, where it is cheap) adds
+    greedy accuracy, which beside Avg@k says whether the student lacks the answer or only spreads mass off it.
+    """
+    config, history, model = trainer.config, trainer.history, trainer.model
+    before, after = history[0], history[-1]
+    k = config.eval_k
+    rows = [(f"student Avg@{k}", before["eval_avg_at_k"], after["eval_avg_at_k"]),
+            (f"student pass@{k}", before["eval_pass_at_k"], after["eval_pass_at_k"]),
+            ("response length (tokens)", before["eval_mean_length"], after["eval_mean_length"]),
+            ("uncertainty words / 1K tokens", before["eval_uncertainty_per_1k"], after["eval_uncertainty_per_1k"])]
+    if with_greedy:
+        greedy = lambda role="student": greedy_accuracy(model, trainer.tokenizer, trainer.eval_examples, config, role)
+        with qwen3.adapters_off(model):  # the adapters start at zero: off, the model is the student before training
+            greedy_before, teacher_greedy = greedy(), greedy("teacher")
+        rows.insert(2, ("student greedy accuracy", greedy_before, greedy()))
+    objective = {"pbsd": f"PBSD (label {config.pbsd_label}, beta {config.beta})", "opsd": f"OPSD (beta_jsd "
+                 f"{config.beta_jsd})", "opsd_sampled": "OPSD-sampled", "sft": "SFT"}[config.loss]
+    print(f"\n{objective} on {before['eval_n_problems']} held-out problems, {config.steps} steps, {seconds:.0f} s")
+    print(f"{'':<32}{'before':>10}{'after':>10}")
+    for name, value_before, value_after in rows:
+        print(f"{name:<32}{value_before:>10.3f}{value_after:>10.3f}")
+    if "teacher_avg_at_k" in before:
+        print(f"{'frozen teacher Avg@' + str(k):<32}{before['teacher_avg_at_k']:>10.3f}")
+    if with_greedy:
+        print(f"{'frozen teacher greedy accuracy':<32}{teacher_greedy:>10.3f}")
+    print(f"learning curve: {os.path.join(config.out_dir, 'learning_curve.png')}")
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF Qwen3 checkpoint folder")
     parser.add_argument("--lora", help="PEFT adapter folder to apply")
-    parser.add_argument("--data", required=True, help="JSONL, JSON or Parquet file")
+    parser.add_argument("--data", required=True, help="a JSONL, JSON or Parquet file, a folder of them or a glob")
     parser.add_argument("--task", choices=("math", "tool"), default="math")
-    parser.add_argument("--problem_key", default="problem")
-    parser.add_argument("--answer_key", default="answer")
-    parser.add_argument("--solution_key", default="solution")
+    for field in ("problem", "answer", "solution"):
+        parser.add_argument(f"--{field}_key", default="", help=f"the {field} column (default: the first present of "
+                            f"{', '.join(data.FIELD_NAMES[field])})")
     parser.add_argument("--k", type=int, default=12)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_p", type=float, default=1.0)

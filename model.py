@@ -502,9 +502,9 @@ def decode_step(model, caches, token, position, row_key, window, temperature, to
 
 @functools.cache
 def compiled_decode_step(device_type):
-    """decode_step compiled, as gpt-fast does; on a GPU replayed as CUDA graphs ("reduce-overhead"). dynamic: one
-    compilation serves every batch and window; each variant (adapters on, off, per row; greedy) compiles once."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    """decode_step compiled as gpt-fast does, on a GPU replayed as CUDA graphs ("reduce-overhead"); dynamic: one
+    compilation for every window and batch (one row apart), and for each variant (adapters on/off/per row, greedy)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     mode = "reduce-overhead" if device_type == "cuda" else None
     return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=True)
 
@@ -570,7 +570,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     input_ids = torch.zeros(n_prompts, longest, dtype=torch.long)
     for i, prompt in enumerate(prompts):
         input_ids[i, :len(prompt)] = torch.tensor(prompt)
-    caches = kv_caches(model.config, n_rows, n_slots, dtype, device)
+    caches = kv_caches(model.config, n_rows, n_slots + 1, dtype, device)  # + 1: no window spans the whole cache
     position = torch.arange(longest, device=device).expand(n_prompts, longest)
     with adapters_on_rows(model, adapter_rows):
         hidden = model(input_ids.to(device), position, [(k[:n_prompts], v[:n_prompts]) for k, v in caches])

@@ -16,6 +16,7 @@ The file reads top to bottom: the config, the objectives (one function each), sc
 the step, evaluation, checkpoints), the command line, and the toy world. `python pbsd.py --help` lists the config.
 """
 
+import hashlib
 import inspect
 import itertools
 import json
@@ -43,12 +44,12 @@ import model as qwen3
 class Config:
     # model and data; no --model means the built-in toy world (TOY_WORLD below)
     model: str = ""  # HF Qwen3 checkpoint folder (config.json, safetensors, tokenizer.json)
-    data: str = ""  # training set: JSONL, JSON or Parquet with problem, solution (and answer) fields
-    eval_data: str = ""  # held-out set for periodic Avg@k; empty: no periodic evaluation
+    data: str = ""  # training set: a JSONL, JSON or Parquet file, a folder of them or a glob
+    eval_data: str = ""  # held-out set for periodic Avg@k, the same kinds; empty: no periodic evaluation
     task: str = "math"  # math | tool (ToolAlpaca-style rows)
-    problem_key: str = "problem"
-    solution_key: str = "solution"
-    answer_key: str = "answer"
+    problem_key: str = ""  # the column names; empty: the first present of data.FIELD_NAMES (problem, question, ...)
+    solution_key: str = ""
+    answer_key: str = ""
     out_dir: str = "out"
     # the objective
     loss: str = "pbsd"  # pbsd | opsd | opsd_sampled | sft
@@ -81,7 +82,7 @@ class Config:
     grad_clip: float = 1.0  # the global gradient norm's ceiling (0: no clipping)
     dtype: str = "bfloat16"  # base weights; the LoRA parameters are always fp32
     gradient_checkpointing: bool = True
-    compile: bool = True  # torch.compile the sampler's decode step, the blocks and the loss kernels (on CUDA)
+    compile: bool = True  # torch.compile the sampler's decode step, and on CUDA the loss kernels
     # evaluation, logging, checkpoints
     eval_every: int = 50
     eval_k: int = 12  # Avg@12 at temperature 1.0, as published
@@ -94,9 +95,6 @@ class Config:
     seed: int = 0
     toy_warm_start_steps: int = 1600  # the toy world only: SFT steps that make its starting checkpoint
 
-
-# The toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
-# built-in arithmetic word problems, warm-started by SFT on student and teacher prompts so that the student
 
 class ConfigError(ValueError):
     pass
@@ -157,7 +155,6 @@ def _validate(config):
         raise ConfigError(f"--top_p must lie in (0, 1], got {config.top_p}")
     if not 0 <= config.beta_jsd <= 1:
         raise ConfigError(f"--beta_jsd must lie in [0, 1], got {config.beta_jsd}")
-
 
 
 # ---- the objectives. Each returns the sum of its terms over a micro-batch (PBSD's pairs, or tokens); the step
@@ -290,8 +287,8 @@ class Trainer:
         train = load(config.data)
         for i, example in enumerate(train, start=1):
             if not example.solution:
-                raise data.DataError(f"{config.data}: row {i} has no {config.solution_key!r}: the teacher "
-                                     f"(and SFT) need a reference solution")
+                raise data.DataError(f"{config.data}: example {i} has no reference solution, which the teacher (and "
+                                     f"SFT) need; --solution_key names its column")
         held_out = load(config.eval_data) if config.eval_data else []
         return train, held_out[:config.eval_problems or None]
 
@@ -703,54 +700,13 @@ def earlier_runs_folder(out_dir):
     os.makedirs(archive)
     return archive
 
+
 def summary_line(m):
     """The step's progress line: its loss and what the step logged of rewards, margin, lengths, time and memory."""
     shown = [("loss", "loss {:.4f}"), ("student_reward", "r_student {:.2f}"), ("teacher_reward", "r_teacher {:.2f}"),
              ("margin", "margin {:+.2f}"), ("student_length", "len {:.0f}"), ("generation_seconds", "gen {:.1f}s"),
              ("train_seconds", "train {:.1f}s"), ("peak_memory_gb", "mem {:.1f}GB")]
     return " ".join(form.format(m[key]) for key, form in shown if key in m)
-
-
-def greedy_accuracy(model, tokenizer, examples, config, role="student"):
-    """
-    The share of the problems a role answers right greedily, one answer each at temperature 0 (wrap the call in
-    adapters_off for the warm start or the teacher). Avg@k at temperature 1 also counts the sampling mass off the
-    model's most likely answer; this is that answer.
-    """
-    template = config.teacher_template if role == "teacher" else config.student_template
-    return evaluation.evaluate(model, tokenizer, examples, k=1, temperature=0.0, role=role, template=template or None,
-                               max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
-                               thinking=config.thinking, show_progress=False)["avg_at_k"]
-
-
-def print_summary_table(trainer, seconds, with_greedy):
-    """
-    The run's first and last held-out evaluations side by side; with_greedy (the toy world, where it is cheap) adds
-    greedy accuracy, which beside Avg@k says whether the student lacks the answer or only spreads mass off it.
-    """
-    config, history, model = trainer.config, trainer.history, trainer.model
-    before, after = history[0], history[-1]
-    k = config.eval_k
-    rows = [(f"student Avg@{k}", before["eval_avg_at_k"], after["eval_avg_at_k"]),
-            (f"student pass@{k}", before["eval_pass_at_k"], after["eval_pass_at_k"]),
-            ("response length (tokens)", before["eval_mean_length"], after["eval_mean_length"]),
-            ("uncertainty words / 1K tokens", before["eval_uncertainty_per_1k"], after["eval_uncertainty_per_1k"])]
-    if with_greedy:
-        greedy = lambda role="student": greedy_accuracy(model, trainer.tokenizer, trainer.eval_examples, config, role)
-        with qwen3.adapters_off(model):  # the adapters start at zero: off, the model is the student before training
-            greedy_before, teacher_greedy = greedy(), greedy("teacher")
-        rows.insert(2, ("student greedy accuracy", greedy_before, greedy()))
-    objective = {"pbsd": f"PBSD (label {config.pbsd_label}, beta {config.beta})", "opsd": f"OPSD (beta_jsd "
-                 f"{config.beta_jsd})", "opsd_sampled": "OPSD-sampled", "sft": "SFT"}[config.loss]
-    print(f"\n{objective} on {before['eval_n_problems']} held-out problems, {config.steps} steps, {seconds:.0f} s")
-    print(f"{'':<32}{'before':>10}{'after':>10}")
-    for name, value_before, value_after in rows:
-        print(f"{name:<32}{value_before:>10.3f}{value_after:>10.3f}")
-    if "teacher_avg_at_k" in before:
-        print(f"{'frozen teacher Avg@' + str(k):<32}{before['teacher_avg_at_k']:>10.3f}")
-    if with_greedy:
-        print(f"{'frozen teacher greedy accuracy':<32}{teacher_greedy:>10.3f}")
-    print(f"learning curve: {os.path.join(config.out_dir, 'learning_curve.png')}")
 
 
 def main(argv):
@@ -772,14 +728,12 @@ def main(argv):
     trainer = Trainer(config)
     history = trainer.train()
     if trainer.rank == 0 and len(history) > 1:
-        print_summary_table(trainer, time.time() - start, with_greedy=toy)
+        evaluation.print_run_table(trainer, time.time() - start, with_greedy=toy)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-# ---- the toy world: what `python pbsd.py` runs with no --model
-
-# The toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
+# ---- the toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
 # built-in arithmetic word problems, warm-started by SFT on student and teacher prompts so that the student
 # is mediocre and the teacher (which reads the worked solution) is good; then PBSD through the same loop.
 TOY_WORLD = dict(out_dir="out/toy", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=300,
@@ -800,34 +754,19 @@ TOY_TASK = dict(steps=(1, 1), max_value=40)
 TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024)
 
 
-def toy_recipe(config):
-    """Everything the toy checkpoint and its problems follow from, but the seed: runs of any seed share one."""
-    return {"task": TOY_TASK, "problems": [TOY_TRAIN, TOY_HELD_OUT], "model": TOY_MODEL,
-            "warm_start": {**TOY_WARM_START, "steps": config.toy_warm_start_steps},
-            "templates": [config.student_template, config.teacher_template]}
-
-
-
-
 def build_toy_world(config):
     """
-    Writes out_dir/toy_base: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
-    warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the
-    loop then reads like any data set. A later run with the same recipe (toy_recipe) finds the folder and skips
-    the work; one with another moves the folder to earlier_runs/ and builds anew. Returns its path.
+    Writes out_dir/toy_base_<recipe>: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
+    warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the loop
+    reads like any data set. The folder is named by a hash of everything it follows from but the seed, so a later
+    run with the same recipe reuses it and one with another builds its own. Returns its path.
     """
-    path = os.path.join(config.out_dir, "toy_base")
-    recipe = json.loads(json.dumps(toy_recipe(config)))  # as warm_start.json holds it (tuples become lists)
-    if os.path.exists(os.path.join(path, "warm_start.json")):
-        built = json.load(open(os.path.join(path, "warm_start.json"))).get("recipe", {})
-        if built == recipe:
-            return path
-        # reusing a cache built from other settings would silently train another world than the one asked for
-        changed = [key for key in recipe if built.get(key) != recipe[key]]
-        archive = earlier_runs_folder(config.out_dir)
-        os.replace(path, os.path.join(archive, "toy_base"))
-        print(f"[toy] {path} was built with other settings ({', '.join(changed)}); moved it to {archive}",
-              file=sys.stderr)
+    recipe = json.dumps({"task": TOY_TASK, "problems": [TOY_TRAIN, TOY_HELD_OUT], "model": TOY_MODEL,
+                         "warm_start": {**TOY_WARM_START, "steps": config.toy_warm_start_steps},
+                         "templates": [config.student_template, config.teacher_template]}, sort_keys=True)
+    path = os.path.join(config.out_dir, "toy_base_" + hashlib.sha1(recipe.encode()).hexdigest()[:10])
+    if os.path.exists(path):
+        return path
     print(f"[toy] building the toy world in {path} (cached for the next run)", file=sys.stderr)
     start = time.time()
     held_out = data.synthetic_math(TOY_HELD_OUT, seed=2, **TOY_TASK)
@@ -860,7 +799,7 @@ def build_toy_world(config):
         prompts = [data.teacher_prompt(e, tokenizer, template=teacher_template) if i % 2 else
                    data.student_prompt(e, tokenizer, template=student_template) for i, e in enumerate(batch)]
         responses = [tokenizer.encode(e.solution) + end_of_turn for e in batch]
-        hidden, targets, _, _ = response_hidden(model, prompts, responses)
+        hidden, targets, _ = response_hidden(model, prompts, responses)
         loss = -kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -872,9 +811,8 @@ def build_toy_world(config):
     model.requires_grad_(False)
     qwen3.save_qwen3(model, tmp)
     json.dump({"eos_token_id": list(tokenizer.eos_ids)}, open(os.path.join(tmp, "generation_config.json"), "w"))
-    json.dump({"recipe": recipe, "seed": config.seed, "seconds": round(time.time() - start, 1)},
+    json.dump({"recipe": json.loads(recipe), "seed": config.seed, "seconds": round(time.time() - start, 1)},
               open(os.path.join(tmp, "warm_start.json"), "w"))
-    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
 

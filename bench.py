@@ -406,16 +406,17 @@ TOY_BETAS = [(f"PBSD (label reward), beta {beta}", ["--loss=pbsd", f"--beta={bet
 
 def toy_greedy_accuracy(base, data_dir, adapter=None, role="student"):
     """
-    pbsd.greedy_accuracy on the held-out problems in data_dir: the student with a run's adapter (none: the warm
+    eval.greedy_accuracy on the held-out problems in data_dir: the student with a run's adapter (none: the warm
     start), or the teacher reading their reference solutions.
     """
     import data
+    import eval as evaluation
     import pbsd
     model = qwen3.load_qwen3(base, dtype=torch.float32)
     if adapter:
         qwen3.load_lora(model, adapter)
     examples = data.load_examples(os.path.join(data_dir, "held_out.jsonl"))
-    return pbsd.greedy_accuracy(model, data.load_tokenizer(base), examples, pbsd.parse_args([]), role)
+    return evaluation.greedy_accuracy(model, data.load_tokenizer(base), examples, pbsd.parse_args([]), role)
 
 
 def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2), world_args=(), data_dir=None):

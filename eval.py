@@ -126,6 +126,19 @@ def summarize(results, k):
     }
 
 
+def setup_distributed():
+    """(rank, world size, device); under torchrun one process per GPU with NCCL, or gloo on CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":  # before the process group, so that NCCL binds each rank to its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def evaluate_across_ranks(model, tokenizer, examples, **kwargs):
     """evaluate() with the problems split across the torch.distributed ranks (rank r takes r, r + world, ...);
     every rank returns the summary of all problems, in their original order."""
@@ -318,16 +331,7 @@ def main(argv=None):
     if not 0 < args.top_p <= 1:
         parser.error(f"--top_p must lie in (0, 1], got {args.top_p}")
 
-    distributed = "RANK" in os.environ
-    rank = 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank = dist.get_rank()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-
+    rank, _, device = setup_distributed()
     model = qwen3.load_qwen3(args.model, device=device, dtype=getattr(torch, args.dtype))
     if args.lora:
         qwen3.load_lora(model, args.lora)
@@ -356,7 +360,7 @@ def main(argv=None):
         plot_summary(summary, os.path.join(args.out, "summary.png"), args.max_new_tokens)
         print_table(summary)
         print(f"samples, summary and its plot written to {args.out}/ (samples.jsonl, summary.json, summary.png)")
-    if distributed:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

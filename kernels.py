@@ -1,12 +1,10 @@
 """
 Loss kernels that work from hidden states and never hold the full logits.
 
-With a 151,936-token vocabulary one fp32 logits row is 600 KB, so 16K rollout tokens would need 10 GB
-for a single logits tensor (and the student, the teacher, the softmax and the gradient each want one).
-Here the output head is applied a chunk of rows at a time, inside a custom autograd function that saves
-only the hidden states and one number per row, and recomputes the chunk's logits in backward: peak extra
-memory is O(chunk_size * V) in both passes. The per-chunk math is compiled with torch.compile at one
-fixed shape (the last chunk is padded), so a new N never recompiles.
+With a 151,936-token vocabulary 16K rollout tokens would need 10 GB for one fp32 logits tensor. Here the
+output head is applied a chunk of rows at a time, inside a custom autograd function that saves only the hidden
+states and one number per row and recomputes the chunk's logits in backward: peak extra memory is
+O(chunk_size * V). The per-chunk math is compiled at one fixed shape (the last chunk is padded).
 
 The head weight is frozen (LoRA trains the projections, not the head), so gradients flow to the hidden
 states only. Logits are the matmul in the input dtype, then everything else in fp32 (float64 stays float64).
@@ -51,15 +49,9 @@ def _padded(x, chunk_size):
 @_maybe_compiled
 def _logprob_forward_chunk(hidden, weight, targets, temperature):
     logits = _chunk_logits(hidden, weight, temperature)  # (C, V)
-    row_max = logits.amax(-1, keepdim=True)  # (C, 1)
-    exp = torch.exp(logits - row_max)  # (C, V); compiled, never stored: each sum recomputes it as it reads
-    sum_exp = exp.sum(-1)  # (C,)
-    lse = row_max[:, 0] + sum_exp.log()
+    lse = logits.logsumexp(-1)  # (C,)
     target_logp = logits.gather(-1, targets[:, None])[:, 0] - lse
-    # H = -sum p log p = lse - sum p z, with p = exp / sum_exp. Compiled, this reads the logits twice: the max,
-    # then both sums (on a GPU, the max and sum_exp in one pass as an online softmax, then the other sum), where
-    # logsumexp and then p = exp(z - lse) read them three times
-    entropy = lse - (exp * logits).sum(-1) / sum_exp
+    entropy = lse - (torch.exp(logits - lse[:, None]) * logits).sum(-1)  # H = -sum p log p = lse - sum p z
     return target_logp, entropy, lse
 
 
@@ -67,9 +59,7 @@ def _logprob_forward_chunk(hidden, weight, targets, temperature):
 def _logprob_backward_chunk(hidden, weight, targets, lse, grad_logp, temperature):
     logits = _chunk_logits(hidden, weight, temperature)
     probs = torch.exp(logits - lse[:, None])  # (C, V)
-    # d log p(y) / d z = onehot(y) - p, and d z / d h = W / T. The one-hot as a comparison, not a scatter_add_ into
-    # the gradient: compiled, the whole gradient is then one pass that writes it in the matmul's dtype, where a
-    # scatter would first write it in fp32 and a second pass would scale and cast it
+    # d log p(y) / d z = onehot(y) - p, and d z / d h = W / T; the one-hot as a comparison, which fuses compiled
     is_target = torch.arange(logits.shape[-1], device=logits.device) == targets[:, None]  # (C, V)
     grad_logits = grad_logp[:, None] * (is_target.to(probs.dtype) - probs)
     return (grad_logits / temperature).to(weight.dtype) @ weight  # (C, D)

@@ -242,7 +242,7 @@ def rollout_seed(seed, step, position, role):
 class Trainer:
     def __init__(self, config):
         self.config = config
-        self.rank, self.world, self.device = setup_distributed()
+        self.rank, self.world, self.device = evaluation.setup_distributed()
         if config.batch_size % self.world:
             raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of the number of ranks "
                               f"({self.world})")
@@ -300,15 +300,14 @@ class Trainer:
 
     def check_lengths(self):
         context, new_tokens = self.model.config.max_position_embeddings, self.config.max_new_tokens
-        sequences = [("the student prompt", p, new_tokens) for p in self.student_prompts]
-        sequences += [("the teacher prompt", p, new_tokens) for p in self.teacher_prompts]
-        sequences += [("the student prompt and the reference", p, len(r))
+        sequences = [(role, prompt, new_tokens, f"--max_new_tokens={new_tokens}") for role, prompts in
+                     (("student", self.student_prompts), ("teacher", self.teacher_prompts)) for prompt in prompts]
+        sequences += [("student", p, len(r), f"the {len(r)} tokens of the reference solution")
                       for p, r in zip(self.student_prompts, self.references)]
-        for i, (what, prompt, extra) in enumerate(sequences):
+        for i, (role, prompt, extra, what) in enumerate(sequences):
             if len(prompt) + extra > context:
-                raise data.DataError(f"{self.config.data}: row {i % len(self.train_examples) + 1}: {what} has "
-                                     f"{len(prompt)} tokens, {len(prompt) + extra} with {extra} more (--max_new_tokens "
-                                     f"or the reference): more than the model's context of {context}")
+                raise data.DataError(f"{self.config.data}: row {i % len(self.train_examples) + 1}: the {role} prompt "
+                                     f"has {len(prompt)} tokens; with {what} it exceeds the model's context of {context}")
 
     # -- data order: a fresh permutation each epoch, a pure function of (seed, step) so resume is exact
 
@@ -428,8 +427,10 @@ class Trainer:
             lengths = [len(self.references[i]) for _, i in batch]
             terms = sum(lengths)
         else:
-            with self.out_of_memory_advice(f"step {step + 1}, sampling", "sample fewer prompts per call with "
-                                           "--rollout_batch_size, or fewer --max_new_tokens"):
+            per_call = min(config.rollout_batch_size or len(batch), len(batch))
+            with self.out_of_memory_advice(f"step {step + 1}, sampling", f"sample fewer prompts per call with "
+                                           f"--rollout_batch_size (now {per_call} of this rank's {len(batch)}), or "
+                                           f"fewer --max_new_tokens"):
                 rollouts, rewards = self.sample(step, batch, stats)
             lengths = [max(len(r.tokens) for per_prompt in rollouts.values() for r in per_prompt[k])
                        for k in range(len(batch))]
@@ -442,7 +443,8 @@ class Trainer:
         order = sorted(range(len(batch)), key=lambda k: lengths[k])
         loss = 0.0
         with self.out_of_memory_advice(f"step {step + 1}, training", f"lower --micro_batch_size (now "
-                                       f"{config.micro_batch_size}), or turn --gradient_checkpointing on"):
+                                       f"{config.micro_batch_size})" + ", or turn --gradient_checkpointing on" *
+                                       (not config.gradient_checkpointing)):
             for first in range(0, len(batch), config.micro_batch_size):
                 micro = order[first:first + config.micro_batch_size]
                 pick = lambda per_role: {role: [x for k in micro for x in per_prompt[k]]
@@ -675,19 +677,6 @@ class Stats:
             dist.all_reduce(totals)
         per_step = ("generation_seconds", "train_seconds", "rollout_tokens")  # totals over the step, mean over ranks
         return {n: (s / world if n in per_step else s / max(c, 1e-9)) for n, (s, c) in zip(names, totals.tolist())}
-
-
-def setup_distributed():
-    """(rank, world size, device); under torchrun one process per GPU with NCCL, or gloo on CPU."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":  # before the process group, so that NCCL binds each rank to its own GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def earlier_runs_folder(out_dir):

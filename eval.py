@@ -289,7 +289,8 @@ def print_run_table(trainer, seconds, with_greedy):
             greedy_before, teacher_greedy = greedy(), greedy("teacher")
         rows.insert(2, ("student greedy accuracy", greedy_before, greedy()))
     objective = {"pbsd": f"PBSD (label {config.pbsd_label}, beta {config.beta})", "opsd": f"OPSD (beta_jsd "
-                 f"{config.beta_jsd})", "opsd_sampled": "OPSD-sampled", "sft": "SFT"}[config.loss]
+                 f"{config.beta_jsd})", "opsd_sampled": "OPSD-sampled", "sft": "SFT",
+                 "grpo": f"GRPO ({config.n_student} rollouts a group)"}[config.loss]
     print(f"\n{objective} on {before['eval_n_problems']} held-out problems, {config.steps} steps, {seconds:.0f} s")
     print(f"{'':<32}{'before':>10}{'after':>10}")
     for name, value_before, value_after in rows:

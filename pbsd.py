@@ -52,11 +52,13 @@ class Config:
     answer_key: str = ""
     out_dir: str = "out"
     # the objective
-    loss: str = "pbsd"  # pbsd | opsd | opsd_sampled | sft
-    pbsd_label: str = "reward"  # reward: z = sigmoid(r+ - r-); teacher: z = 1
+    loss: str = "pbsd"  # pbsd | opsd | opsd_sampled | sft | grpo
+    # PBSD's label z of a pair. teacher: z = 1, the paper's loss, stationary at the teacher itself; reward:
+    # z = sigmoid(r+ - r-), this project's variant, minimised by the reward-reweighted teacher pi_T exp(r / beta) / Z
+    pbsd_label: str = "teacher"
     beta: float = 0.1  # PBSD KL weight: the target is pi_T exp(r / beta)
     n_teacher: int = 1  # teacher samples per prompt (PBSD); pairs = n_teacher x n_student
-    n_student: int = 1  # student rollouts per prompt
+    n_student: int = 1  # student rollouts per prompt (GRPO: the group, at least 2)
     length_norm: bool = False  # PBSD: divide each sequence's log-ratio by its token count
     beta_jsd: float = 0.5  # OPSD: 0 forward KL(teacher || student), 1 reverse KL(student || teacher)
     jsd_token_clip: float = 0.0  # OPSD: clip each token's divergence at this value (0: off)
@@ -135,7 +137,7 @@ def _convert(key, value, kind):
 
 
 def _validate(config):
-    choices = {"loss": ("pbsd", "opsd", "opsd_sampled", "sft"), "pbsd_label": ("reward", "teacher"),
+    choices = {"loss": ("pbsd", "opsd", "opsd_sampled", "sft", "grpo"), "pbsd_label": ("teacher", "reward"),
                "task": ("math", "tool"), "dtype": ("bfloat16", "float32")}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
@@ -155,6 +157,9 @@ def _validate(config):
         raise ConfigError(f"--top_p must lie in (0, 1], got {config.top_p}")
     if not 0 <= config.beta_jsd <= 1:
         raise ConfigError(f"--beta_jsd must lie in [0, 1], got {config.beta_jsd}")
+    if config.loss == "grpo" and config.n_student < 2:
+        raise ConfigError(f"--loss=grpo compares a prompt's rollouts with each other: --n_student must be 2 or more, "
+                          f"got {config.n_student}")
 
 
 # ---- the objectives. Each returns the sum of its terms over a micro-batch (PBSD's pairs, or tokens); the step
@@ -202,6 +207,17 @@ def opsd_sampled_objective(student_logp, teacher_logp):
 def sft_objective(student_logp):
     """SFT: the negative log-likelihood of the reference solution's tokens after the student prompt."""
     return -student_logp.sum()
+
+
+def grpo_objective(student_logp, rows, rewards, n_student):
+    """
+    GRPO, no teacher: each rollout's advantage is its reward against its group's, the prompt's n_student rollouts,
+    A = (r - mean) / (std + 1e-4); the token-level policy gradient -A log pi_theta(y_t). One update per batch of
+    rollouts, so the importance ratio pi_theta / pi_old is 1 and needs no clipping.
+    """
+    groups = rewards.view(-1, n_student)  # (P, n)
+    advantage = (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + 1e-4)  # (P, n)
+    return -(advantage.flatten()[rows] * student_logp).sum()
 
 
 # ---- scoring: teacher and student on the same response tokens
@@ -260,7 +276,8 @@ class Trainer:
         self.tokenizer = data.load_tokenizer(config.model)
         self.train_examples, self.eval_examples = self.load_data()
         self.student_prompts = [self.prompt(e, "student") for e in self.train_examples]
-        self.teacher_prompts = [self.prompt(e, "teacher") for e in self.train_examples] if config.loss != "sft" else []
+        self.teacher_prompts = ([self.prompt(e, "teacher") for e in self.train_examples]
+                                if config.loss in ("pbsd", "opsd", "opsd_sampled") else [])
         end_of_turn = self.tokenizer.encode(data.IM_END)
         self.references = ([self.tokenizer.encode(e.solution) + end_of_turn for e in self.train_examples]
                            if config.loss == "sft" else [])  # SFT's targets
@@ -285,7 +302,7 @@ class Trainer:
         load = (data.load_tool_examples if config.task == "tool" else
                 lambda path: data.load_examples(path, config.problem_key, config.solution_key, config.answer_key))
         train = load(config.data)
-        for i, example in enumerate(train, start=1):
+        for i, example in enumerate(train if config.loss != "grpo" else [], start=1):
             if not example.solution:
                 raise data.DataError(f"{config.data}: example {i} has no reference solution, which the teacher (and "
                                      f"SFT) need; --solution_key names its column")
@@ -387,6 +404,14 @@ class Trainer:
             student_logp, _, _, _ = self.score([self.student_prompts[i] for i in indices], responses, teacher=False)
             loss = sft_objective(student_logp)
             stats.add("response_length", [len(r) for r in responses])
+        elif config.loss == "grpo":
+            responses = [r.tokens for r in rollouts["student"]]
+            examples = [i for i in indices for _ in range(config.n_student)]
+            student_logp, entropy, rows, _ = self.score([self.student_prompts[i] for i in examples], responses,
+                                                        teacher=False)
+            stats.add_ratio("student_entropy", entropy.sum().item(), len(entropy))
+            rewards = torch.tensor(rewards["student"], dtype=student_logp.dtype, device=rows.device)
+            loss = grpo_objective(student_logp, rows, rewards, config.n_student)
         else:
             # student and teacher score the same responses, each after its own prompt: the student's rollouts, then
             # (PBSD) the teacher's
@@ -725,7 +750,7 @@ def main(argv):
 # ---- the toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
 # built-in arithmetic word problems, warm-started by SFT on student and teacher prompts so that the student
 # is mediocre and the teacher (which reads the worked solution) is good; then PBSD through the same loop.
-TOY_WORLD = dict(out_dir="out/toy", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=300,
+TOY_WORLD = dict(out_dir="out/toy", pbsd_label="reward", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=300,
                  batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=30, dtype="float32",
                  gradient_checkpointing=False, compile=False, eval_every=50, eval_k=4, eval_problems=200,
                  save_every=50, keep_last=2,

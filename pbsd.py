@@ -591,7 +591,7 @@ class Trainer:
     def plot(self):
         if self.rank == 0:
             evaluation.plot_run(os.path.join(self.config.out_dir, "metrics.jsonl"),
-                     os.path.join(self.config.out_dir, "learning_curve.png"))
+                                os.path.join(self.config.out_dir, "learning_curve.png"))
 
     def start_out_dir(self):
         """

@@ -1470,13 +1470,19 @@ model.save_lora(trainer.model, os.path.join(config.out_dir, "rank%d" % trainer.r
 
 
 def test_ddp_two_ranks_match_one_process(tiny_with_tokenizer, train_file, tmp_path):
+    """
+    Two gloo ranks against one process over the same global batch: the ranks stay equal to each other, and the
+    first step's averaged gradient (AdamW's first moment after it, 0.1 g) equals the one process's. The adapters
+    themselves are not compared: where a gradient is near AdamW's eps, its update g / (|g| + eps) turns the
+    rounding of another summation order into a visible difference.
+    """
     import subprocess
     from dataclasses import asdict
     from safetensors.torch import load_file
     path, _ = tiny_with_tokenizer
     # OPSD's loss is a mean over tokens, and a third of the vocabulary ends a rollout: the ranks hold different
     # numbers of tokens, and only a normalization over both matches the single process
-    setting = dict(steps=2, batch_size=4, micro_batch_size=2, loss="opsd")
+    setting = dict(steps=2, batch_size=4, micro_batch_size=2, loss="opsd", save_every=1)
     config = _train_config(path, train_file, tmp_path / "ddp", **setting)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(repo=REPO, config=json.dumps(asdict(config))))
@@ -1490,10 +1496,13 @@ def test_ddp_two_ranks_match_one_process(tiny_with_tokenizer, train_file, tmp_pa
     single = pbsd.Trainer(_train_config(path, train_file, tmp_path / "single", **setting))
     single.tokenizer.eos_ids = tuple(range(0, single.model.config.vocab_size, 3))
     single.train()  # one process, two micro-batches of gradient accumulation over the same global batch
-    M.save_lora(single.model, tmp_path / "single" / "adapter")
-    alone = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
-    for key in alone:
-        assert torch.allclose(alone[key], rank0[key], rtol=1e-4, atol=1e-5), key
+    state = lambda run: torch.load(tmp_path / run / "checkpoints" / "step_000001" / "trainer_state.pt",
+                                   weights_only=False)
+    moments = lambda run: [s["exp_avg"] for s in state(run)["optimizer"]["state"].values()]
+    for one, both in zip(moments("single"), moments("ddp"), strict=True):
+        assert torch.allclose(one, both, rtol=1e-4, atol=1e-4 * one.abs().max())
+    logged = lambda run: [json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl")]
+    assert logged("single") == pytest.approx(logged("ddp"), rel=1e-4)
 
 
 def test_export_merged_loads_in_transformers(tiny_with_tokenizer, train_file, tmp_path):

@@ -304,10 +304,10 @@ class Trainer:
         load = (data.load_tool_examples if config.task == "tool" else
                 lambda path: data.load_examples(path, config.problem_key, config.solution_key, config.answer_key))
         train = load(config.data)
-        for i, example in enumerate(train if config.loss != "grpo" else [], start=1):
-            if not example.solution:
-                raise data.DataError(f"{config.data}: example {i} has no reference solution, which the teacher (and "
-                                     f"SFT) need; --solution_key names its column")
+        unsolved = [i for i, example in enumerate(train, start=1) if not example.solution]
+        if unsolved and config.loss != "grpo":  # GRPO alone reads no reference solution
+            raise data.DataError(f"{config.data}: example {unsolved[0]} has no reference solution, which the teacher "
+                                 f"(and SFT) need; --solution_key names its column")
         held_out = load(config.eval_data) if config.eval_data else []
         return train, held_out[:config.eval_problems or None]
 
@@ -326,7 +326,8 @@ class Trainer:
         for i, (role, prompt, extra, what) in enumerate(sequences):
             if len(prompt) + extra > context:
                 raise data.DataError(f"{self.config.data}: row {i % len(self.train_examples) + 1}: the {role} prompt "
-                                     f"has {len(prompt)} tokens; with {what} it exceeds the model's context of {context}")
+                                     f"has {len(prompt)} tokens; with {what} it exceeds the model's context of "
+                                     f"{context}")
 
     # -- data order: a fresh permutation each epoch, a pure function of (seed, step) so resume is exact
 
@@ -388,7 +389,9 @@ class Trainer:
         Per-token log-probs and entropies of the responses after the prompts (N,), each token's row (N,), and the
         hidden states (N, D): the student with gradient, or the teacher (LoRA off) without.
         """
-        with torch.no_grad() if teacher else nullcontext(), qwen3.adapters_off(self.model) if teacher else nullcontext():
+        without_grad = torch.no_grad() if teacher else nullcontext()
+        lora_off = qwen3.adapters_off(self.model) if teacher else nullcontext()
+        with without_grad, lora_off:
             hidden, targets, rows = response_hidden(self.model, prompts, responses)
             logp, entropy = kernels.token_logprobs(hidden, self.model.lm_head_weight, targets,
                                                    temperature=self.config.temperature, with_entropy=True)

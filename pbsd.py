@@ -243,7 +243,6 @@ def response_hidden(model, prompts, responses):
     return hidden, as_tensor([t for response in responses for t in response]), as_tensor(rows)
 
 
-
 def sequence_sums(token_values, rows, n_rows):
     return torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add_(0, rows, token_values)
 

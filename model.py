@@ -589,7 +589,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         for t in range(max_new_tokens):
             new_tokens[:, t] = token.masked_fill(done, -1)  # -1 after a row's EOS
             done |= torch.isin(token, eos)
-            if t + 1 == max_new_tokens or (t % 8 == 7 and bool(done.all())):  # a host sync only every 8 steps
+            if t + 1 == max_new_tokens or (t % 32 == 31 and bool(done.all())):  # a host sync only every 32 steps
                 break
             window = -(-(longest + t + 1) // WINDOW) * WINDOW  # covers every slot written so far, at most n_slots
             # a clone: on a GPU the step's output lives in the CUDA graph's memory, which its next replay reuses

@@ -362,6 +362,7 @@ def main(argv=None):
         print_table(summary)
         print(f"samples, summary and its plot written to {args.out}/ (samples.jsonl, summary.json, summary.png)")
     if dist.is_initialized():
+        dist.barrier()  # the ranks leave together: one tearing gloo down while another still writes can abort it
         dist.destroy_process_group()
 
 

@@ -748,6 +748,7 @@ def main(argv):
     if trainer.rank == 0 and len(history) > 1:
         evaluation.print_run_table(trainer, time.time() - start, with_greedy=toy)
     if dist.is_initialized():
+        dist.barrier()  # the ranks leave together: one tearing gloo down while another still writes can abort it
         dist.destroy_process_group()
 
 

@@ -217,6 +217,7 @@ CURVES = (("training rewards", "mean", (("student_reward", "student rollouts"), 
           ("step time", "seconds", (("generation_seconds", "generation"), ("train_seconds", "training"))),
           ("GPU memory", "GB, the step's peak on the fullest rank", (("peak_memory_gb", "allocated"),)))
 
+
 def plot_run(metrics_path, png_path):
     """Draws metrics.jsonl as png_path: a panel per curve with values, held-out accuracy first. Returns the titles."""
     import matplotlib
@@ -259,6 +260,7 @@ def plot_run(metrics_path, png_path):
     plt.close(fig)
     return titles
 
+
 def greedy_accuracy(model, tokenizer, examples, config, role="student"):
     """
     The share of the problems a role answers right greedily, one answer each at temperature 0 (wrap the call in
@@ -267,8 +269,8 @@ def greedy_accuracy(model, tokenizer, examples, config, role="student"):
     """
     template = config.teacher_template if role == "teacher" else config.student_template
     return evaluate(model, tokenizer, examples, k=1, temperature=0.0, role=role, template=template or None,
-                               max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
-                               thinking=config.thinking, show_progress=False)["avg_at_k"]
+                    max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens, thinking=config.thinking,
+                    show_progress=False)["avg_at_k"]
 
 
 def print_run_table(trainer, seconds, with_greedy):
@@ -300,6 +302,7 @@ def print_run_table(trainer, seconds, with_greedy):
     if with_greedy:
         print(f"{'frozen teacher greedy accuracy':<32}{teacher_greedy:>10.3f}")
     print(f"learning curve: {os.path.join(config.out_dir, 'learning_curve.png')}")
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

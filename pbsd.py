@@ -414,8 +414,8 @@ class Trainer:
             student_logp, entropy, rows, _ = self.score([self.student_prompts[i] for i in examples], responses,
                                                         teacher=False)
             stats.add_ratio("student_entropy", entropy.sum().item(), len(entropy))
-            rewards = torch.tensor(rewards["student"], dtype=student_logp.dtype, device=rows.device)
-            loss = grpo_objective(student_logp, rows, rewards, config.n_student)
+            group_rewards = torch.tensor(rewards["student"], dtype=student_logp.dtype, device=rows.device)
+            loss = grpo_objective(student_logp, rows, group_rewards, config.n_student)
         else:
             # student and teacher score the same responses, each after its own prompt: the student's rollouts, then
             # (PBSD) the teacher's

@@ -417,7 +417,7 @@ def toy_greedy_accuracy(base, data_dir, adapter=None, role="student"):
     if adapter:
         qwen3.load_lora(model, adapter)
     examples = data.load_examples(os.path.join(data_dir, "held_out.jsonl"))
-    return evaluation.greedy_accuracy(model, data.load_tokenizer(base), examples, pbsd.parse_args([]), role)
+    return evaluation.greedy_accuracy(model, data.Tokenizer(base), examples, pbsd.parse_args([]), role)
 
 
 def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2), world_args=(), data_dir=None):
@@ -494,7 +494,7 @@ def report_target_on_wrong_references(base, right, wrong):
     """
     import data
     import pbsd
-    model, tokenizer = qwen3.load_qwen3(base, dtype=torch.float32), data.load_tokenizer(base)
+    model, tokenizer = qwen3.load_qwen3(base, dtype=torch.float32), data.Tokenizer(base)
     pairs = [(r, w) for r, w in zip(right, wrong) if r.solution != w.solution]
     prompts = [data.teacher_prompt(w, tokenizer, template=pbsd.TOY_WORLD["teacher_template"]) for _, w in pairs]
     end_of_turn = tokenizer.encode(data.IM_END)
@@ -538,7 +538,7 @@ def bench_toy_worlds(worlds=("worked", "candidates")):
     """bench_toy in each toy world: every objective from the world's warm start, three seeds."""
     for world in worlds:
         bench_toy(out_dir=f"out/bench_toy_{world}", world_args=[f"--toy_world={world}"])
-        print(f"(world: {world}; what its teacher reads: pbsd.TOY_WORLDS)")
+        print(f"(world: {world}; what its teacher reads: pbsd.toy_examples)")
 
 
 def report_toy(results, out_dir):

@@ -246,10 +246,6 @@ class Tokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def load_tokenizer(checkpoint_dir):
-    return Tokenizer(checkpoint_dir)
-
-
 # Prompts, in Qwen3's chat format. Student and teacher share the thinking setting: with thinking off Qwen3
 # opens the answer with an empty think block, and a mismatch would make them disagree from the first token.
 

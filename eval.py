@@ -31,13 +31,9 @@ UNCERTAINTY_PATTERN = re.compile(r"\b(" + "|".join(re.escape(w) for w in UNCERTA
 
 
 def uncertainty_count(texts):
+    """Uncertainty words ("wait", "hmm", "perhaps", ...): the epistemic verbalization whose suppression goes with
+    the reasoning losses of self-distillation (Kim et al., 2026); reported per 1K response tokens."""
     return sum(len(UNCERTAINTY_PATTERN.findall(t)) for t in texts)
-
-
-def uncertainty_rate(texts, n_tokens):
-    """Uncertainty words ("wait", "hmm", "perhaps", ...) per 1K response tokens: the epistemic verbalization
-    whose suppression goes with the reasoning losses of self-distillation (Kim et al., 2026)."""
-    return 1000 * uncertainty_count(texts) / max(n_tokens, 1)
 
 
 def pass_at_k(n, c, k):
@@ -99,14 +95,9 @@ def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, ma
     return summarize(results, k)
 
 
-def is_correct(reward):
-    """A sample counts as correct, for pass@k and the plot, at full reward."""
-    return reward >= 1.0
-
-
 def correct_counts(results):
-    """Per problem, how many of its samples are correct."""
-    return [sum(map(is_correct, result["rewards"])) for result in results]
+    """Per problem, how many of its samples are correct: at full reward, for pass@k and the plot."""
+    return [sum(r >= 1.0 for r in result["rewards"]) for result in results]
 
 
 def summarize(results, k):
@@ -121,7 +112,7 @@ def summarize(results, k):
         "pass_at_k": sum(pass_at_k(k, c, k) for c in correct) / n,
         "mean_length": sum(lengths) / max(len(lengths), 1),
         "truncation_rate": sum(t for result in results for t in result["truncated"]) / max(len(lengths), 1),
-        "uncertainty_per_1k": uncertainty_rate(texts, sum(lengths)),
+        "uncertainty_per_1k": 1000 * uncertainty_count(texts) / max(sum(lengths), 1),
         "per_problem": results,
     }
 
@@ -186,7 +177,7 @@ def plot_summary(summary, png_path, max_new_tokens):
     by_correct.set(xlabel=f"correct samples of {k}", ylabel="problems", xticks=range(k + 1),
                    title=f"Avg@{k} {summary['avg_at_k']:.3f}, pass@{k} {summary['pass_at_k']:.3f} "
                          f"({summary['n_problems']} problems)")
-    samples = [(n, is_correct(r)) for result in results for n, r in zip(result["lengths"], result["rewards"])]
+    samples = [(n, r >= 1.0) for result in results for n, r in zip(result["lengths"], result["rewards"])]
     bins = range(0, max_new_tokens + 2, max(1, (max_new_tokens + 1) // 40))
     by_length.hist([[n for n, right in samples if right], [n for n, right in samples if not right]], bins=bins,
                    stacked=True, color=["C2", "C3"], label=["right", "wrong"])
@@ -339,7 +330,7 @@ def main(argv=None):
     model = qwen3.load_qwen3(args.model, device=device, dtype=getattr(torch, args.dtype))
     if args.lora:
         qwen3.load_lora(model, args.lora)
-    tokenizer = data.load_tokenizer(args.model)
+    tokenizer = data.Tokenizer(args.model)
     if args.task == "math":
         examples = data.load_examples(args.data, args.problem_key, args.solution_key, args.answer_key)
     else:

@@ -94,15 +94,12 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_hidden, None, None, None, None
 
 
-def token_logprobs(hidden, weight, targets, *, temperature=1.0, chunk_size=1024, mask=None, with_entropy=False):
+def token_logprobs(hidden, weight, targets, *, temperature=1.0, chunk_size=1024, with_entropy=False):
     """
     hidden (N, D), weight (V, D), targets (N,) -> log p(target) (N,) under softmax(hidden @ weight.T / T),
-    differentiable in hidden. mask (N,) zeroes padded rows (value and gradient). with_entropy also returns
-    each row's entropy (N,), a diagnostic without gradient.
+    differentiable in hidden. with_entropy also returns each row's entropy (N,), a diagnostic without gradient.
     """
     logp, entropy = _TokenLogprobs.apply(hidden, weight, targets, temperature, chunk_size)
-    if mask is not None:
-        logp, entropy = logp * mask, entropy * mask
     return (logp, entropy) if with_entropy else logp
 
 
@@ -171,16 +168,14 @@ class _GJSDivergence(torch.autograd.Function):
         return grad_student, None, None, None, None, None
 
 
-def gjs_divergence(student_hidden, teacher_hidden, weight, *, beta=0.5, temperature=1.0, chunk_size=1024, mask=None):
+def gjs_divergence(student_hidden, teacher_hidden, weight, *, beta=0.5, temperature=1.0, chunk_size=1024):
     """
     (N, D) student and teacher hidden states at the same response positions, weight (V, D) -> per-token
     JSD_beta(teacher, student) (N,) over the full vocabulary; the gradient reaches the student side only.
     """
     if not 0 <= beta <= 1:
         raise ValueError(f"beta_jsd must lie in [0, 1], got {beta}")
-    divergence = _GJSDivergence.apply(student_hidden, teacher_hidden.detach(), weight, float(beta),
-                                      temperature, chunk_size)
-    return divergence if mask is None else divergence * mask
+    return _GJSDivergence.apply(student_hidden, teacher_hidden.detach(), weight, float(beta), temperature, chunk_size)
 
 
 # The PBSD preference loss. For a response y, s(y) = log pi_theta(y | x) - log pi_T(y | x, c), summed over

@@ -19,13 +19,13 @@ the step, evaluation, checkpoints), the command line, and the toy world. `python
 import dataclasses
 import hashlib
 import inspect
-import itertools
 import json
 import math
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -96,7 +96,7 @@ class Config:
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
     export_merged: str = ""  # at the end, write a merged HF checkpoint here
     seed: int = 0
-    toy_world: str = "worked"  # the toy world only: what its teacher reads (TOY_WORLDS below)
+    toy_world: str = "worked"  # the toy world only: what its teacher reads (toy_examples below)
     toy_warm_start_steps: int = 1600  # the toy world only: SFT steps that make its starting checkpoint
 
 
@@ -121,26 +121,19 @@ def parse_args(argv):
             raise ConfigError(f"--{key} needs a value: --{key}=...")
         overrides[key] = value if has_value else "true"
     config = Config(**({} if "model" in overrides else TOY_WORLD))
+    booleans = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
     for key, value in overrides.items():
-        setattr(config, key, _convert(key, value, types[key]))
+        try:
+            setattr(config, key, booleans[value.lower()] if types[key] is bool else types[key](value))
+        except (KeyError, ValueError):
+            raise ConfigError(f"--{key} expects {types[key].__name__}, got {value!r}") from None
     _validate(config)
     return config
 
 
-def _convert(key, value, kind):
-    try:
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return value.lower() in ("true", "1", "yes")
-        return kind(value)
-    except ValueError:
-        raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}") from None
-
-
 def _validate(config):
     choices = {"loss": ("pbsd", "opsd", "opsd_sampled", "sft", "grpo"), "pbsd_label": ("teacher", "reward"),
-               "task": ("math", "tool"), "dtype": ("bfloat16", "float32"), "toy_world": tuple(TOY_WORLDS)}
+               "task": ("math", "tool"), "dtype": ("bfloat16", "float32"), "toy_world": TOY_WORLDS}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
@@ -149,12 +142,10 @@ def _validate(config):
                 "batch_size", "micro_batch_size", "eval_k", "keep_last", "toy_warm_start_steps")
     at_least_zero = ("rollout_batch_size", "jsd_token_clip", "lr", "warmup_steps", "weight_decay", "grad_clip",
                      "eval_every", "eval_problems", "eval_max_new_tokens", "save_every")
-    for key in positive:
-        if not getattr(config, key) > 0:
-            raise ConfigError(f"--{key} must be positive, got {getattr(config, key)}")
-    for key in at_least_zero:
-        if not getattr(config, key) >= 0:
-            raise ConfigError(f"--{key} must be 0 or more, got {getattr(config, key)}")
+    for key in positive + at_least_zero:
+        value = getattr(config, key)
+        if not (value > 0 if key in positive else value >= 0):  # NaN fails both
+            raise ConfigError(f"--{key} must be {'positive' if key in positive else '0 or more'}, got {value}")
     if not 0 < config.top_p <= 1:
         raise ConfigError(f"--top_p must lie in (0, 1], got {config.top_p}")
     if not 0 <= config.beta_jsd <= 1:
@@ -274,14 +265,15 @@ class Trainer:
             raise ConfigError(f"--lora_targets={config.lora_targets}: {e}") from None
         self.optimizer = torch.optim.AdamW(self.lora_params, lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_scale)
-        self.tokenizer = data.load_tokenizer(config.model)
+        self.tokenizer = tokenizer = data.Tokenizer(config.model)
         self.train_examples, self.eval_examples = self.load_data()
-        self.student_prompts = [self.prompt(e, "student") for e in self.train_examples]
-        self.teacher_prompts = ([self.prompt(e, "teacher") for e in self.train_examples]
+        prompts = lambda make, template: [make(e, tokenizer, config.thinking, template or None)
+                                          for e in self.train_examples]
+        self.student_prompts = prompts(data.student_prompt, config.student_template)
+        self.teacher_prompts = (prompts(data.teacher_prompt, config.teacher_template)
                                 if config.loss in ("pbsd", "opsd", "opsd_sampled") else [])
-        end_of_turn = self.tokenizer.encode(data.IM_END)
-        self.references = ([self.tokenizer.encode(e.solution) + end_of_turn for e in self.train_examples]
-                           if config.loss == "sft" else [])  # SFT's targets
+        self.references = ([tokenizer.encode(e.solution + data.IM_END) for e in self.train_examples]
+                           if config.loss == "sft" else [])  # SFT's targets, each closed by the end of the turn
         self.check_lengths()
         self.step = 0
         self.history = []  # evaluation results, for the learning curve
@@ -309,12 +301,6 @@ class Trainer:
                                  f"(and SFT) need; --solution_key names its column")
         held_out = load(config.eval_data) if config.eval_data else []
         return train, held_out[:config.eval_problems or None]
-
-    def prompt(self, example, role):
-        config = self.config
-        template = config.teacher_template if role == "teacher" else config.student_template
-        make = data.teacher_prompt if role == "teacher" else data.student_prompt
-        return make(example, self.tokenizer, config.thinking, template or None)
 
     def check_lengths(self):
         context, new_tokens = self.model.config.max_position_embeddings, self.config.max_new_tokens
@@ -403,43 +389,37 @@ class Trainer:
         prompt next to each other, in prompt order (empty for SFT).
         """
         config, timer = self.config, time.time()
-        if config.loss == "sft":
-            responses = [self.references[i] for i in indices]
-            student_logp, _, _, _ = self.score([self.student_prompts[i] for i in indices], responses, teacher=False)
-            loss = sft_objective(student_logp)
-            stats.add("response_length", [len(r) for r in responses])
-        elif config.loss == "grpo":
-            responses = [r.tokens for r in rollouts["student"]]
-            examples = [i for i in indices for _ in range(config.n_student)]
-            student_logp, entropy, rows, _ = self.score([self.student_prompts[i] for i in examples], responses,
-                                                        teacher=False)
-            stats.add_ratio("student_entropy", entropy.sum().item(), len(entropy))
-            group_rewards = torch.tensor(rewards["student"], dtype=student_logp.dtype, device=rows.device)
-            loss = grpo_objective(student_logp, rows, group_rewards, config.n_student)
-        else:
-            # student and teacher score the same responses, each after its own prompt: the student's rollouts, then
-            # (PBSD) the teacher's
-            counts = {"student": config.n_student, "teacher": config.n_teacher}
-            responses = [r.tokens for rows in rollouts.values() for r in rows]
-            examples = [i for role in rollouts for i in indices for _ in range(counts[role])]
-            student_logp, entropy, rows, student_hidden = self.score([self.student_prompts[i] for i in examples],
-                                                                     responses, teacher=False)
+        counts = {"student": config.n_student, "teacher": config.n_teacher}
+        # the responses scored: SFT's references, or the student's rollouts then (PBSD) the teacher's
+        responses = ([self.references[i] for i in indices] if config.loss == "sft" else
+                     [r.tokens for rows in rollouts.values() for r in rows])
+        examples = indices if config.loss == "sft" else [i for role in rollouts for i in indices
+                                                         for _ in range(counts[role])]
+        student_logp, entropy, rows, student_hidden = self.score([self.student_prompts[i] for i in examples],
+                                                                 responses, teacher=False)
+        on_student = rows < len(rollouts.get("student", ()))  # the tokens of the student's own rollouts
+        if config.loss != "sft":
+            stats.add_ratio("student_entropy", entropy[on_student].sum().item(), on_student.sum().item())
+        if self.teacher_prompts:  # the teacher scores the same responses after its own prompt
             teacher_logp, _, _, teacher_hidden = self.score([self.teacher_prompts[i] for i in examples], responses,
                                                             teacher=True)
-            on_student = rows < len(rollouts["student"])  # the tokens of the student's own rollouts
-            stats.add_ratio("student_entropy", entropy[on_student].sum().item(), on_student.sum().item())
             # the k1 estimate of KL(student || teacher) per token along the student's rollouts
             stats.add_ratio("kl_estimate", (student_logp - teacher_logp)[on_student].sum().item(),
                             on_student.sum().item())
-            if config.loss == "pbsd":
-                as_tensor = lambda x: torch.tensor(x, dtype=student_logp.dtype, device=rows.device)
-                sums = [sequence_sums(logp, rows, len(responses)) for logp in (student_logp, teacher_logp)]
-                loss = pbsd_objective(*sums, as_tensor(rewards["student"] + rewards["teacher"]),
-                                      as_tensor([len(r) for r in responses]), len(indices), config, stats)
-            elif config.loss == "opsd":
-                loss = opsd_objective(student_hidden, teacher_hidden, self.model.lm_head_weight, config)
-            else:
-                loss = opsd_sampled_objective(student_logp, teacher_logp)
+        as_tensor = lambda x: torch.tensor(x, dtype=student_logp.dtype, device=rows.device)
+        if config.loss == "sft":
+            loss = sft_objective(student_logp)
+            stats.add("response_length", [len(r) for r in responses])
+        elif config.loss == "grpo":
+            loss = grpo_objective(student_logp, rows, as_tensor(rewards["student"]), config.n_student)
+        elif config.loss == "pbsd":
+            sums = [sequence_sums(logp, rows, len(responses)) for logp in (student_logp, teacher_logp)]
+            loss = pbsd_objective(*sums, as_tensor(rewards["student"] + rewards["teacher"]),
+                                  as_tensor([len(r) for r in responses]), len(indices), config, stats)
+        elif config.loss == "opsd":
+            loss = opsd_objective(student_hidden, teacher_hidden, self.model.lm_head_weight, config)
+        else:
+            loss = opsd_sampled_objective(student_logp, teacher_logp)
         loss = loss / normalizer
         loss.backward()
         stats.add("train_seconds", [time.time() - timer])
@@ -453,32 +433,25 @@ class Trainer:
         config, batch = self.config, self.rank_batch(step)
         if config.loss == "sft":
             rollouts, rewards = {}, {}
-            lengths = [len(self.references[i]) for _, i in batch]
-            terms = sum(lengths)
+            terms = sum(len(self.references[i]) for _, i in batch)
         else:
             per_call = min(config.rollout_batch_size or len(batch), len(batch))
             with self.out_of_memory_advice(f"step {step + 1}, sampling", f"sample fewer prompts per call with "
                                            f"--rollout_batch_size (now {per_call} of this rank's {len(batch)}), or "
                                            f"fewer --max_new_tokens"):
                 rollouts, rewards = self.sample(step, batch, stats)
-            lengths = [max(len(r.tokens) for per_prompt in rollouts.values() for r in per_prompt[k])
-                       for k in range(len(batch))]
             terms = (len(batch) * config.n_teacher * config.n_student if config.loss == "pbsd" else
                      sum(len(r.tokens) for per_prompt in rollouts["student"] for r in per_prompt))
         # the mean over the whole step's terms: ranks average their gradients, so each divides by the mean count
-        normalizer = self.all_mean(terms)
-        # a micro-batch pads its sequences to its longest: grouped by length they pad less, and the normalized loss
-        # does not depend on the grouping
-        order = sorted(range(len(batch)), key=lambda k: lengths[k])
+        normalizer = self.all_reduce(terms) / self.world
         loss = 0.0
         with self.out_of_memory_advice(f"step {step + 1}, training", f"lower --micro_batch_size (now "
                                        f"{config.micro_batch_size})" + ", or turn --gradient_checkpointing on" *
                                        (not config.gradient_checkpointing)):
             for first in range(0, len(batch), config.micro_batch_size):
-                micro = order[first:first + config.micro_batch_size]
-                pick = lambda per_role: {role: [x for k in micro for x in per_prompt[k]]
-                                         for role, per_prompt in per_role.items()}
-                loss += self.micro_step([batch[k][1] for k in micro], pick(rollouts), pick(rewards), normalizer,
+                last = first + config.micro_batch_size
+                pick = lambda per_role: {role: sum(per_prompt[first:last], []) for role, per_prompt in per_role.items()}
+                loss += self.micro_step([i for _, i in batch[first:last]], pick(rollouts), pick(rewards), normalizer,
                                         stats)
         return loss
 
@@ -520,7 +493,7 @@ class Trainer:
         while self.step < last_step:
             self.model.train()
             stats = Stats()
-            loss = self.all_mean(self.accumulate(self.step, stats))  # every rank decides on the same number
+            loss = self.all_reduce(self.accumulate(self.step, stats)) / self.world  # the same on every rank
             if not math.isfinite(loss):
                 raise TrainingError(f"step {self.step + 1}: the loss is {loss}; stopping before the update. "
                                     f"The last good checkpoint is {self.latest_checkpoint()}")
@@ -552,10 +525,8 @@ class Trainer:
             self.export_merged()
         return self.history
 
-    def all_mean(self, value):
-        return self.all_reduce(value, dist.ReduceOp.SUM) / self.world
-
-    def all_reduce(self, value, op):
+    def all_reduce(self, value, op=dist.ReduceOp.SUM):
+        """A number's sum (or op) over the ranks."""
         if self.world == 1:
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -597,26 +568,27 @@ class Trainer:
 
     def start_out_dir(self):
         """
-        A run starting at step 0 moves an earlier run's files in out_dir (log, plot, config, checkpoints) to
-        out_dir/earlier_runs/<time>/, so that runs never mix and a later --resume never picks up another run, and
-        nothing is deleted; a resumed run drops the log lines after its checkpoint's step, which it runs again.
+        A run starting at step 0 moves an earlier run's files in out_dir (log, plot, config, checkpoints) to a new
+        out_dir/earlier_runs/<time>-<random>/, so that runs never mix and a later --resume never picks up another
+        run, and nothing is deleted; a resumed run drops the log lines after its checkpoint's step, which it runs
+        again.
         """
         if self.rank != 0:
             return
         out_dir, metrics = self.config.out_dir, os.path.join(self.config.out_dir, "metrics.jsonl")
-        os.makedirs(out_dir, exist_ok=True)
-        if self.step > 0 and self.config.resume and os.path.exists(metrics):
+        earlier = [n for n in ("metrics.jsonl", "learning_curve.png", "config.json", "checkpoints")
+                   if self.step == 0 and os.path.exists(os.path.join(out_dir, n))]
+        if self.step > 0 and os.path.exists(metrics):
             kept = [line for line in open(metrics) if json.loads(line)["step"] <= self.step]
             qwen3.atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(kept)))
-        elif self.step == 0:
-            earlier = [n for n in ("metrics.jsonl", "learning_curve.png", "config.json", "checkpoints")
-                       if os.path.exists(os.path.join(out_dir, n))]
-            if earlier:
-                archive = earlier_runs_folder(out_dir)
-                for name in earlier:
-                    os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
-                print(f"[pbsd] {out_dir} held an earlier run; moved its {', '.join(earlier)} to {archive} "
-                      f"(--resume continues a run instead)", file=sys.stderr)
+        elif earlier:
+            os.makedirs(os.path.join(out_dir, "earlier_runs"), exist_ok=True)
+            archive = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=f"{out_dir}/earlier_runs")
+            for name in earlier:
+                os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
+            print(f"[pbsd] {out_dir} held an earlier run; moved its {', '.join(earlier)} to {archive} "
+                  f"(--resume continues a run instead)", file=sys.stderr)
+        os.makedirs(out_dir, exist_ok=True)
         qwen3.atomic_write(os.path.join(out_dir, "config.json"),
                            lambda tmp: Path(tmp).write_text(json.dumps(asdict(self.config), indent=2)))
 
@@ -627,23 +599,19 @@ class Trainer:
 
     # -- checkpoints: the adapter in PEFT format plus everything needed to continue exactly
 
-    def checkpoint_dir(self):
-        return os.path.join(self.config.out_dir, "checkpoints")
-
     def checkpoints(self):
         """Paths of the finished checkpoints, oldest first (a .tmp folder is one a crash interrupted)."""
-        folder = self.checkpoint_dir()
+        folder = os.path.join(self.config.out_dir, "checkpoints")
         names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         return [os.path.join(folder, n) for n in names if n.startswith("step_") and not n.endswith(".tmp")]
 
     def latest_checkpoint(self):
-        finished = self.checkpoints()
-        return finished[-1] if finished else None
+        return (self.checkpoints() or [None])[-1]
 
     def save_checkpoint(self):
         if self.rank != 0:
             return
-        final = os.path.join(self.checkpoint_dir(), f"step_{self.step:06d}")
+        final = os.path.join(self.config.out_dir, "checkpoints", f"step_{self.step:06d}")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         qwen3.save_lora(self.model, tmp, base_model_name_or_path=os.path.abspath(self.config.model))
@@ -659,7 +627,8 @@ class Trainer:
         path = self.latest_checkpoint()
         if path is None:
             if self.rank == 0:
-                print(f"[resume] no checkpoint in {self.checkpoint_dir()}, starting from step 0", file=sys.stderr)
+                print(f"[resume] no checkpoint in {self.config.out_dir}/checkpoints, starting from step 0",
+                      file=sys.stderr)
             return
         qwen3.load_lora(self.model, path)
         state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
@@ -706,17 +675,6 @@ class Stats:
             dist.all_reduce(totals)
         per_step = ("generation_seconds", "train_seconds", "rollout_tokens")  # totals over the step, mean over ranks
         return {n: (s / world if n in per_step else s / max(c, 1e-9)) for n, (s, c) in zip(names, totals.tolist())}
-
-
-def earlier_runs_folder(out_dir):
-    """A new, empty out_dir/earlier_runs/<time>/ (-2, -3, ... for a second folder within the same second)."""
-    archive = stamp = os.path.join(out_dir, "earlier_runs", time.strftime("%Y%m%d-%H%M%S"))
-    for count in itertools.count(2):
-        if not os.path.exists(archive):
-            break
-        archive = f"{stamp}-{count}"
-    os.makedirs(archive)
-    return archive
 
 
 def summary_line(m):
@@ -769,35 +727,27 @@ TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, nu
 TOY_TRAIN, TOY_HELD_OUT = 4000, 200  # problems (seeds 1 and 2 of data.synthetic_math)
 TOY_TASK = dict(steps=(1, 1), max_value=40)  # one addition or subtraction on numbers up to 40
 TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024)
-# What the teacher reads, and what its warm start teaches it to answer. worked: the worked solution, whose
-# result it copies, so it is right on nearly every problem. candidates: the result and a decoy in random order,
-# either of which its warm start answers, so it is right about half the time on every problem: there the
-# reward-reweighted target pi_T exp(r / beta) / Z lies above the teacher (at beta 0.5, pi*(right) = 0.88).
+TOY_WORLDS = ("worked", "candidates")  # what the teacher reads (toy_examples)
 TOY_DECOYS = (-20, -10, -3, -2, -1, 1, 2, 3, 10, 20)
 
 
-def worked(example, rng):
-    """The worked solution as the reference; the answer, the one thing its warm start teaches."""
-    return example.solution, [example.answer]
-
-
-def candidates(example, rng):
-    """The reference "The result is a or b.", the answer and a decoy in random order; both as answers to teach."""
-    answer = int(example.answer)
-    pair = rng.sample([answer, answer + rng.choice([d for d in TOY_DECOYS if answer + d >= 0])], 2)
-    return f"The result is {pair[0]} or {pair[1]}.", [str(n) for n in pair]
-
-
-TOY_WORLDS = {"worked": worked, "candidates": candidates}
-
-
 def toy_examples(world, n, seed):
-    """n problems of the toy task, each with the reference its world gives the teacher and the answers it teaches."""
-    rng = random.Random(seed)
-    examples = []
+    """
+    n problems of the toy task, each with the reference its world gives the teacher and the answers the warm start
+    teaches the teacher to give. worked: the worked solution, whose result it copies, so it is right on nearly every
+    problem. candidates: "The result is a or b.", the answer and a decoy in random order, either of which it learns
+    to answer, so it is right about half the time on every problem: there the reward-reweighted target
+    pi_T exp(r / beta) / Z lies above the teacher (at beta 0.5, pi*(right) = 0.88).
+    """
+    rng, examples = random.Random(seed), []
     for example in data.synthetic_math(n, seed=seed, **TOY_TASK):
-        reference, taught = TOY_WORLDS[world](example, rng)
-        examples.append((dataclasses.replace(example, solution=reference), taught))
+        taught = [example.answer]
+        if world == "candidates":
+            answer = int(example.answer)
+            decoy = answer + rng.choice([d for d in TOY_DECOYS if answer + d >= 0])
+            taught = rng.sample([example.answer, str(decoy)], 2)
+            example = dataclasses.replace(example, solution=f"The result is {taught[0]} or {taught[1]}.")
+        examples.append((example, taught))
     return examples
 
 

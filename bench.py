@@ -538,7 +538,7 @@ def bench_toy_worlds(worlds=("worked", "candidates")):
     """bench_toy in each toy world: every objective from the world's warm start, three seeds."""
     for world in worlds:
         bench_toy(out_dir=f"out/bench_toy_{world}", world_args=[f"--toy_world={world}"])
-        print(f"(world: {world}; what its teacher reads: pbsd.toy_examples)")
+        print(f"(world: {world}; what its teacher reads: data.toy_examples)")
 
 
 def report_toy(results, out_dir):

@@ -1,8 +1,9 @@
 """
 Everything between a data file and a reward: examples, the tokenizer, the student and teacher prompts,
-the verifiable rewards (math answers, tool calls), and the built-in synthetic tasks.
+the verifiable rewards (math answers, tool calls), and the built-in synthetic math task.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -98,11 +99,9 @@ def as_answer(value):
 
 
 def load_examples(spec, problem_key="", solution_key="", answer_key=""):
-    """
-    Math examples from a data set (data_files). A key given wins; else each field takes the first of its
-    FIELD_NAMES that the data has, and the columns used are printed once. A row without an answer takes the last
-    \\boxed{} of its solution; a set without a solution column leaves it empty (evaluation needs none).
-    """
+    """Math examples from a data set (data_files). A key given wins; else each field takes the first of its FIELD_NAMES
+    that the data has, and the columns used are printed once. A row without an answer takes the last \\boxed{} of its
+    solution; a set without a solution column leaves it empty (evaluation needs none)."""
     rows = list(_read_rows(spec))
     for path, number, row in rows:
         if not isinstance(row, dict):
@@ -299,17 +298,15 @@ def teacher_prompt(example, tokenizer=None, thinking=False, template=None):
     return tokenizer.encode(text) if tokenizer else text
 
 
-# Built-in synthetic tasks, deterministic for a seed: the toy world and the tests train and grade on them.
+# The built-in synthetic task, deterministic for a seed: the toy world and the tests train and grade on it.
 
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia"]
 ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps", "marbles", "cards"]
 
 
 def synthetic_math(n, seed=0, steps=(1, 2), max_value=99):
-    """
-    n word problems of `steps` additions or subtractions on numbers up to max_value, each with a worked
-    solution that does one operation per line and ends in \\boxed{answer}.
-    """
+    """n word problems of `steps` additions or subtractions on numbers up to max_value, each with a worked solution that
+    does one operation per line and ends in \\boxed{answer}."""
     rng = random.Random(seed)
     examples = []
     for _ in range(n):
@@ -333,36 +330,31 @@ def synthetic_math(n, seed=0, steps=(1, 2), max_value=99):
     return examples
 
 
-TOOL_APIS = {
-    "get_weather": ("city", "unit"),
-    "convert_currency": ("amount", "from", "to"),
-    "search_books": ("author", "year"),
-}
-TOOL_VALUES = {"city": ["Paris", "Lima", "Oslo", "Cairo"], "unit": ["celsius", "fahrenheit"],
-               "amount": [5, 20, 150], "from": ["USD", "EUR"], "to": ["JPY", "GBP"],
-               "author": ["Austen", "Tolstoy", "Borges"], "year": [1813, 1869, 1944]}
+# The toy worlds of pbsd.py: what the teacher reads, and which answers its warm start teaches it to give.
+DECOYS = (-20, -10, -3, -2, -1, 1, 2, 3, 10, 20)
 
 
-def synthetic_tools(n, seed=0):
-    """n ToolAlpaca-style requests over three small APIs, with the reference call."""
-    rng = random.Random(seed)
-    docs = "\n".join(f"- {name}({', '.join(params)})" for name, params in TOOL_APIS.items())
-    examples = []
-    for _ in range(n):
-        name = rng.choice(sorted(TOOL_APIS))
-        arguments = {p: rng.choice(TOOL_VALUES[p]) for p in TOOL_APIS[name]}
-        request = f"Please call {name} with " + ", ".join(f"{k}={v}" for k, v in arguments.items()) + "."
-        examples.append(Example(f"{request}\n\nAvailable APIs:\n{docs}",
-                                json.dumps({"name": name, "arguments": arguments}),
-                                format_tool_call(name, arguments), task="tool"))
+def toy_examples(world, n, seed, **task):
+    """n problems of synthetic_math(**task), each with its world's reference and the answers the teacher is taught.
+    worked: the worked solution, whose result the teacher copies, so it is right on nearly every problem.
+    candidates: "The result is a or b.", the answer and a decoy in random order, either of which it learns to give,
+    so it is right about half the time on every problem; there the reward-reweighted target pi_T exp(r / beta) / Z
+    lies above the teacher (at beta 0.5, pi*(right) = 0.88)."""
+    rng, examples = random.Random(seed), []
+    for example in synthetic_math(n, seed=seed, **task):
+        taught = [example.answer]
+        if world == "candidates":
+            answer = int(example.answer)
+            decoy = answer + rng.choice([d for d in DECOYS if answer + d >= 0])
+            taught = rng.sample([example.answer, str(decoy)], 2)
+            example = dataclasses.replace(example, solution=f"The result is {taught[0]} or {taught[1]}.")
+        examples.append((example, taught))
     return examples
 
 
 def train_tokenizer(texts, vocab_size, path):
-    """
-    Trains a byte-level BPE on texts (digits split one per token, as in Qwen's tokenizer), adds the chat
-    tokens in Qwen's order, and writes tokenizer.json into the folder path.
-    """
+    """Trains a byte-level BPE on texts (digits split one per token, as in Qwen's tokenizer), adds the chat tokens in
+    Qwen's order, and writes tokenizer.json into the folder path."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),

@@ -63,14 +63,12 @@ class Progress:
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, max_new_tokens=2048, batch_size=64,
              thinking=False, template=None, role="student", seed=None, compile=False, show_progress=True):
-    """
-    Samples k answers per problem and grades them. batch_size counts sampled rows, so each sampler call holds
-    max(1, batch_size // k) problems. seed: one number, or one per problem; problem i's samples depend on its own
-    seed only (the i-th child of a single seed), so the results do not depend on batch_size or on how the problems
-    are split across ranks. compile: compile the sampler's decode step (on CUDA, replayed as CUDA graphs), as
-    generate does. role "teacher" prompts with the reference solution (wrap the call in adapters_off for the
-    frozen teacher). Returns a summary dict with per-problem results.
-    """
+    """Samples k answers per problem and grades them; batch_size counts sampled rows (a sampler call holds
+    max(1, batch_size // k) problems). seed: one number, or one per problem; problem i's samples depend on its own
+    seed only (the i-th child of a single seed), so the results depend neither on batch_size nor on how the problems
+    are split across ranks. compile: the sampler's decode step compiled (on CUDA replayed as CUDA graphs), as in
+    generate. role "teacher" prompts with the reference solution (wrap the call in adapters_off for the frozen
+    teacher). Returns a summary dict with per-problem results."""
     make_prompt = data.teacher_prompt if role == "teacher" else data.student_prompt
     problems_per_call = max(1, batch_size // k)
     progress = Progress(len(examples), f"eval {role}", show_progress)
@@ -159,11 +157,9 @@ def print_table(summary):
 
 
 def plot_summary(summary, png_path, max_new_tokens):
-    """
-    Draws an evaluation as png_path: how many problems got 0, 1, ..., k correct samples (Avg@k is the mean of that
-    share, pass@k the problems off zero), and the response lengths of right and wrong samples against the budget,
-    where a length collapse or a run of cut-off answers shows. Returns the problem counts per number correct.
-    """
+    """Draws an evaluation as png_path: how many problems got 0, 1, ..., k correct samples (Avg@k is the mean of that
+    share, pass@k the problems off zero), and the response lengths of right and wrong samples against the budget, where
+    a length collapse or a run of cut-off answers shows. Returns the problem counts per number correct."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -222,9 +218,8 @@ def plot_run(metrics_path, png_path):
     titles = ["held-out accuracy"] * bool(evals) + [title for title, _, _ in curves]
     if not titles:
         return titles
-    n_panels = len(titles)
-    n_columns = min(n_panels, 3)
-    n_lines = -(-n_panels // n_columns)
+    n_columns = min(len(titles), 3)
+    n_lines = -(-len(titles) // n_columns)  # rounded up
     fig, axes = plt.subplots(n_lines, n_columns, figsize=(5 * n_columns, 3.6 * n_lines), squeeze=False)
     panels = iter(axes.flat)
     if evals:
@@ -253,11 +248,9 @@ def plot_run(metrics_path, png_path):
 
 
 def greedy_accuracy(model, tokenizer, examples, config, role="student"):
-    """
-    The share of the problems a role answers right greedily, one answer each at temperature 0 (wrap the call in
+    """The share of the problems a role answers right greedily, one answer each at temperature 0 (wrap the call in
     adapters_off for the warm start or the teacher). Avg@k at temperature 1 also counts the sampling mass off the
-    model's most likely answer; this is that answer.
-    """
+    model's most likely answer; this is that answer."""
     template = config.teacher_template if role == "teacher" else config.student_template
     return evaluate(model, tokenizer, examples, k=1, temperature=0.0, role=role, template=template or None,
                     max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens, thinking=config.thinking,
@@ -265,10 +258,8 @@ def greedy_accuracy(model, tokenizer, examples, config, role="student"):
 
 
 def print_run_table(trainer, seconds, with_greedy):
-    """
-    The run's first and last held-out evaluations side by side; with_greedy (the toy world, where it is cheap) adds
-    greedy accuracy, which beside Avg@k says whether the student lacks the answer or only spreads mass off it.
-    """
+    """The run's first and last held-out evaluations side by side; with_greedy (the toy world, where it is cheap) adds
+    greedy accuracy, which beside Avg@k says whether the student lacks the answer or only spreads mass off it."""
     config, history, model = trainer.config, trainer.history, trainer.model
     before, after = history[0], history[-1]
     k = config.eval_k
@@ -284,6 +275,7 @@ def print_run_table(trainer, seconds, with_greedy):
     objective = {"pbsd": f"PBSD (label {config.pbsd_label}, beta {config.beta})", "opsd": f"OPSD (beta_jsd "
                  f"{config.beta_jsd})", "opsd_sampled": "OPSD-sampled", "sft": "SFT",
                  "grpo": f"GRPO ({config.n_student} rollouts a group)"}[config.loss]
+    objective += f" in the {config.toy_world} toy world" if with_greedy else ""
     print(f"\n{objective} on {before['eval_n_problems']} held-out problems, {config.steps} steps, {seconds:.0f} s")
     print(f"{'':<32}{'before':>10}{'after':>10}")
     for name, value_before, value_after in rows:
@@ -293,6 +285,36 @@ def print_run_table(trainer, seconds, with_greedy):
     if with_greedy:
         print(f"{'frozen teacher greedy accuracy':<32}{teacher_greedy:>10.3f}")
     print(f"learning curve: {os.path.join(config.out_dir, 'learning_curve.png')}")
+
+
+class Stats:
+    """Sums and counts per metric for one step, reduced over ranks in one collective."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, name, values):
+        self.add_ratio(name, float(sum(values)), len(values))
+
+    def add_ratio(self, name, total, count):
+        self.sums[name] = self.sums.get(name, 0.0) + total
+        self.counts[name] = self.counts.get(name, 0) + count
+
+    def reduce(self, world, device):
+        names = sorted(self.sums)
+        totals = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(totals)
+        per_step = ("generation_seconds", "train_seconds", "rollout_tokens")  # totals over the step, mean over ranks
+        return {n: (s / world if n in per_step else s / max(c, 1e-9)) for n, (s, c) in zip(names, totals.tolist())}
+
+
+def summary_line(m):
+    """The step's progress line: its loss and what the step logged of rewards, margin, lengths, time and memory."""
+    shown = [("loss", "loss {:.4f}"), ("student_reward", "r_student {:.2f}"), ("teacher_reward", "r_teacher {:.2f}"),
+             ("margin", "margin {:+.2f}"), ("student_length", "len {:.0f}"), ("generation_seconds", "gen {:.1f}s"),
+             ("train_seconds", "train {:.1f}s"), ("peak_memory_gb", "mem {:.1f}GB")]
+    return " ".join(form.format(m[key]) for key, form in shown if key in m)
 
 
 def main(argv=None):

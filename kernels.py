@@ -95,10 +95,8 @@ class _TokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(hidden, weight, targets, *, temperature=1.0, chunk_size=1024, with_entropy=False):
-    """
-    hidden (N, D), weight (V, D), targets (N,) -> log p(target) (N,) under softmax(hidden @ weight.T / T),
-    differentiable in hidden. with_entropy also returns each row's entropy (N,), a diagnostic without gradient.
-    """
+    """hidden (N, D), weight (V, D), targets (N,) -> log p(target) (N,) under softmax(hidden @ weight.T / T),
+    differentiable in hidden. with_entropy also returns each row's entropy (N,), a diagnostic without gradient."""
     logp, entropy = _TokenLogprobs.apply(hidden, weight, targets, temperature, chunk_size)
     return (logp, entropy) if with_entropy else logp
 
@@ -169,10 +167,8 @@ class _GJSDivergence(torch.autograd.Function):
 
 
 def gjs_divergence(student_hidden, teacher_hidden, weight, *, beta=0.5, temperature=1.0, chunk_size=1024):
-    """
-    (N, D) student and teacher hidden states at the same response positions, weight (V, D) -> per-token
-    JSD_beta(teacher, student) (N,) over the full vocabulary; the gradient reaches the student side only.
-    """
+    """(N, D) student and teacher hidden states at the same response positions, weight (V, D) -> per-token
+    JSD_beta(teacher, student) (N,) over the full vocabulary; the gradient reaches the student side only."""
     if not 0 <= beta <= 1:
         raise ValueError(f"beta_jsd must lie in [0, 1], got {beta}")
     return _GJSDivergence.apply(student_hidden, teacher_hidden.detach(), weight, float(beta), temperature, chunk_size)

@@ -16,7 +16,6 @@ The file reads top to bottom: the config, the objectives (one function each), sc
 the step, evaluation, checkpoints), the command line, and the toy world. `python pbsd.py --help` lists the config.
 """
 
-import dataclasses
 import hashlib
 import inspect
 import json
@@ -96,8 +95,8 @@ class Config:
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
     export_merged: str = ""  # at the end, write a merged HF checkpoint here
     seed: int = 0
-    toy_world: str = "worked"  # the toy world only: what its teacher reads (toy_examples below)
-    toy_warm_start_steps: int = 1600  # the toy world only: SFT steps that make its starting checkpoint
+    toy_world: str = "worked"  # the toy world only: what its teacher reads (data.toy_examples)
+    toy_warm_start_steps: int = 600  # the toy world only: SFT steps that make its starting checkpoint
 
 
 class ConfigError(ValueError):
@@ -160,19 +159,15 @@ def _validate(config):
 
 
 def pbsd_pairs(n_prompts, n_teacher, n_student):
-    """
-    Indices (plus, minus) of every (teacher sample, student sample) pair of each prompt into the responses laid out
-    as the student's n_prompts x n_student, then the teacher's n_prompts x n_teacher, each prompt's together.
-    """
+    """Indices (plus, minus) of every (teacher sample, student sample) pair of each prompt into the responses laid out
+    as the student's n_prompts x n_student, then the teacher's n_prompts x n_teacher, each prompt's together."""
     p, t, s = torch.meshgrid(torch.arange(n_prompts), torch.arange(n_teacher), torch.arange(n_student), indexing="ij")
     return (n_prompts * n_student + p * n_teacher + t).flatten(), (p * n_student + s).flatten()
 
 
 def pbsd_objective(student_sums, teacher_sums, rewards, lengths, n_prompts, config, stats):
-    """
-    PBSD: per response, log pi_theta and log pi_T summed over its tokens, its reward and length (R,), laid out as
-    pbsd_pairs reads them; the logistic loss on each pair's margin beta (s(y+) - s(y-)), s = log pi_theta / pi_T.
-    """
+    """PBSD: per response, log pi_theta and log pi_T summed over its tokens, its reward and length (R,), laid out as
+    pbsd_pairs reads them; the logistic loss on each pair's margin beta (s(y+) - s(y-)), s = log pi_theta / pi_T."""
     if config.length_norm:
         student_sums, teacher_sums = student_sums / lengths, teacher_sums / lengths
     plus, minus = (i.to(rewards.device) for i in pbsd_pairs(n_prompts, config.n_teacher, config.n_student))
@@ -203,11 +198,9 @@ def sft_objective(student_logp):
 
 
 def grpo_objective(student_logp, rows, rewards, n_student):
-    """
-    GRPO, no teacher: each rollout's advantage is its reward against its group's, the prompt's n_student rollouts,
-    A = (r - mean) / (std + 1e-4); the token-level policy gradient -A log pi_theta(y_t). One update per batch of
-    rollouts, so the importance ratio pi_theta / pi_old is 1 and needs no clipping.
-    """
+    """GRPO, no teacher: a rollout's advantage compares its reward with its group's (the prompt's n_student
+    rollouts), A = (r - mean) / (std + 1e-4), in the token-level policy gradient -A log pi_theta(y_t). One update per
+    batch of rollouts, so the importance ratio pi_theta / pi_old is 1 and needs no clipping."""
     groups = rewards.view(-1, n_student)  # (P, n)
     advantage = (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + 1e-4)  # (P, n)
     return -(advantage.flatten()[rows] * student_logp).sum()
@@ -217,11 +210,9 @@ def grpo_objective(student_logp, rows, rewards, n_student):
 
 
 def response_hidden(model, prompts, responses):
-    """
-    Runs each prompt + response, right-padded into one batch, and returns the final hidden states at the positions
-    that predict response tokens (N, D), those tokens (N,) and the row each belongs to (N,), in row order. Token j
-    of a response is predicted at position len(prompt) - 1 + j.
-    """
+    """Runs each prompt + response, right-padded into one batch, and returns the final hidden states at the positions
+    that predict response tokens (N, D), those tokens (N,) and the row each belongs to (N,), in row order. Token j of a
+    response is predicted at position len(prompt) - 1 + j."""
     device = model.embed_tokens.weight.device
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     input_ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
@@ -239,11 +230,9 @@ def sequence_sums(token_values, rows, n_rows):
 
 
 def rollout_seed(seed, step, position, role):
-    """
-    The sampling seed of the example at this position of the step's global batch, for role 0 (student) or 1
+    """The sampling seed of the example at this position of the step's global batch, for role 0 (student) or 1
     (teacher). It depends on neither the rank nor the sampler call, so however the batch is split (ranks, calls,
-    micro-batches) an example's rollouts are the same, up to the rounding of logits computed in other batch shapes.
-    """
+    micro-batches) an example's rollouts are the same, up to the rounding of logits computed in other batch shapes."""
     return qwen3.sub_seed(qwen3.sub_seed(qwen3.sub_seed(seed, step), position), role)
 
 
@@ -332,11 +321,9 @@ class Trainer:
     # -- the step: rollouts, then scoring, loss and backward micro-batch by micro-batch
 
     def sample(self, step, batch, stats):
-        """
-        The student's rollouts (LoRA on, n_student per prompt) of the rank's prompts and, for PBSD, the teacher's
-        (LoRA off, n_teacher per prompt), both roles in one sampler call per rollout_batch_size prompts: a decode
-        step reads the weights once for all its rows. Returns role -> per prompt its Rollouts, and their rewards.
-        """
+        """The student's rollouts (LoRA on, n_student per prompt) of the rank's prompts and, for PBSD, the teacher's
+        (LoRA off, n_teacher per prompt), both roles in one sampler call per rollout_batch_size prompts: a decode step
+        reads the weights once for all its rows. Returns role -> per prompt its Rollouts, and their rewards."""
         config, timer = self.config, time.time()
         roles = ("student", "teacher") if config.loss == "pbsd" else ("student",)
         counts = {"student": config.n_student, "teacher": config.n_teacher}
@@ -370,10 +357,8 @@ class Trainer:
         return rollouts, rewards
 
     def score(self, prompts, responses, teacher):
-        """
-        Per-token log-probs and entropies of the responses after the prompts (N,), each token's row (N,), and the
-        hidden states (N, D): the student with gradient, or the teacher (LoRA off) without.
-        """
+        """Per-token log-probs and entropies of the responses after the prompts (N,), each token's row (N,), and the
+        hidden states (N, D): the student with gradient, or the teacher (LoRA off) without."""
         without_grad = torch.no_grad() if teacher else nullcontext()
         lora_off = qwen3.adapters_off(self.model) if teacher else nullcontext()
         with without_grad, lora_off:
@@ -383,11 +368,9 @@ class Trainer:
         return logp, entropy, rows, hidden
 
     def micro_step(self, indices, rollouts, rewards, normalizer, stats):
-        """
-        The micro-batch's share of the step's loss, backpropagated: its objective's sum over normalizer, the step's
+        """The micro-batch's share of the step's loss, backpropagated: its objective's sum over normalizer, the step's
         count of terms per rank. indices: its examples; rollouts and rewards: role -> theirs, flat, the samples of a
-        prompt next to each other, in prompt order (empty for SFT).
-        """
+        prompt next to each other, in prompt order (empty for SFT)."""
         config, timer = self.config, time.time()
         counts = {"student": config.n_student, "teacher": config.n_teacher}
         # the responses scored: SFT's references, or the student's rollouts then (PBSD) the teacher's
@@ -426,10 +409,8 @@ class Trainer:
         return loss.item()
 
     def accumulate(self, step, stats):
-        """
-        Samples this rank's rollouts for the step, then scores and backpropagates them micro-batch by micro-batch.
-        Returns the rank's share of the step's loss (their mean over ranks is the step's loss).
-        """
+        """Samples this rank's rollouts for the step, then scores and backpropagates them micro-batch by micro-batch.
+        Returns the rank's share of the step's loss (their mean over ranks is the step's loss)."""
         config, batch = self.config, self.rank_batch(step)
         if config.loss == "sft":
             rollouts, rewards = {}, {}
@@ -492,7 +473,7 @@ class Trainer:
         progress = evaluation.Progress(last_step - first_step, config.loss, enabled=self.rank == 0)
         while self.step < last_step:
             self.model.train()
-            stats = Stats()
+            stats = evaluation.Stats()
             loss = self.all_reduce(self.accumulate(self.step, stats)) / self.world  # the same on every rank
             if not math.isfinite(loss):
                 raise TrainingError(f"step {self.step + 1}: the loss is {loss}; stopping before the update. "
@@ -508,19 +489,17 @@ class Trainer:
             if "rollout_tokens" in metrics:
                 metrics["rollout_tokens_per_second"] = metrics["rollout_tokens"] / metrics["generation_seconds"]
             self.log(metrics)
-            if self.rank == 0:
-                progress.update(self.step - first_step, summary_line(metrics))
-            evaluated = config.eval_every and self.step % config.eval_every == 0 and self.eval_examples
+            progress.update(self.step - first_step, evaluation.summary_line(metrics))
+            evaluated = config.eval_every and self.eval_examples and (self.step % config.eval_every == 0 or
+                                                                      self.step == config.steps)
             if evaluated:
                 self.evaluate()
             saved = config.save_every and (self.step % config.save_every == 0 or self.step == config.steps)
             if saved:
                 self.save_checkpoint()
-            if (evaluated or saved) and self.step < last_step:  # the last step's plot comes after the loop
-                self.plot()
-        if self.step == config.steps and self.eval_examples and config.eval_every and self.step % config.eval_every:
-            self.evaluate()
-        self.plot()
+            if self.rank == 0 and (evaluated or saved or self.step == last_step):
+                evaluation.plot_run(os.path.join(config.out_dir, "metrics.jsonl"),
+                                    os.path.join(config.out_dir, "learning_curve.png"))
         if self.step == config.steps and config.export_merged and self.rank == 0:
             self.export_merged()
         return self.history
@@ -561,18 +540,10 @@ class Trainer:
                   f"pass@{config.eval_k} {student['pass_at_k']:.3f}, length {student['mean_length']:.1f}",
                   file=sys.stderr)
 
-    def plot(self):
-        if self.rank == 0:
-            evaluation.plot_run(os.path.join(self.config.out_dir, "metrics.jsonl"),
-                                os.path.join(self.config.out_dir, "learning_curve.png"))
-
     def start_out_dir(self):
-        """
-        A run starting at step 0 moves an earlier run's files in out_dir (log, plot, config, checkpoints) to a new
-        out_dir/earlier_runs/<time>-<random>/, so that runs never mix and a later --resume never picks up another
-        run, and nothing is deleted; a resumed run drops the log lines after its checkpoint's step, which it runs
-        again.
-        """
+        """A run starting at step 0 moves an earlier run's files in out_dir (log, plot, config, checkpoints) to a new
+        out_dir/earlier_runs/<time>-<random>/, so that runs never mix and a later --resume never picks up another run,
+        and nothing is deleted; a resumed run drops the log lines after its checkpoint's step, which it runs again."""
         if self.rank != 0:
             return
         out_dir, metrics = self.config.out_dir, os.path.join(self.config.out_dir, "metrics.jsonl")
@@ -655,36 +626,6 @@ class Trainer:
         print(f"[export] merged checkpoint written to {path}", file=sys.stderr)
 
 
-class Stats:
-    """Sums and counts per metric for one step, reduced over ranks in one collective."""
-
-    def __init__(self):
-        self.sums, self.counts = {}, {}
-
-    def add(self, name, values):
-        self.add_ratio(name, float(sum(values)), len(values))
-
-    def add_ratio(self, name, total, count):
-        self.sums[name] = self.sums.get(name, 0.0) + total
-        self.counts[name] = self.counts.get(name, 0) + count
-
-    def reduce(self, world, device):
-        names = sorted(self.sums)
-        totals = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(totals)
-        per_step = ("generation_seconds", "train_seconds", "rollout_tokens")  # totals over the step, mean over ranks
-        return {n: (s / world if n in per_step else s / max(c, 1e-9)) for n, (s, c) in zip(names, totals.tolist())}
-
-
-def summary_line(m):
-    """The step's progress line: its loss and what the step logged of rewards, margin, lengths, time and memory."""
-    shown = [("loss", "loss {:.4f}"), ("student_reward", "r_student {:.2f}"), ("teacher_reward", "r_teacher {:.2f}"),
-             ("margin", "margin {:+.2f}"), ("student_length", "len {:.0f}"), ("generation_seconds", "gen {:.1f}s"),
-             ("train_seconds", "train {:.1f}s"), ("peak_memory_gb", "mem {:.1f}GB")]
-    return " ".join(form.format(m[key]) for key, form in shown if key in m)
-
-
 def main(argv):
     if argv and argv[0] in ("-h", "--help"):  # the fields as written, each with its default and comment
         print(__doc__)
@@ -725,41 +666,16 @@ TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, nu
                  num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=512,
                  tie_word_embeddings=True)
 TOY_TRAIN, TOY_HELD_OUT = 4000, 200  # problems (seeds 1 and 2 of data.synthetic_math)
-TOY_TASK = dict(steps=(1, 1), max_value=40)  # one addition or subtraction on numbers up to 40
+TOY_TASK = dict(steps=(1, 1), max_value=10)  # one addition or subtraction on numbers up to 10
 TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024)
-TOY_WORLDS = ("worked", "candidates")  # what the teacher reads (toy_examples)
-TOY_DECOYS = (-20, -10, -3, -2, -1, 1, 2, 3, 10, 20)
-
-
-def toy_examples(world, n, seed):
-    """
-    n problems of the toy task, each with the reference its world gives the teacher and the answers the warm start
-    teaches the teacher to give. worked: the worked solution, whose result it copies, so it is right on nearly every
-    problem. candidates: "The result is a or b.", the answer and a decoy in random order, either of which it learns
-    to answer, so it is right about half the time on every problem: there the reward-reweighted target
-    pi_T exp(r / beta) / Z lies above the teacher (at beta 0.5, pi*(right) = 0.88).
-    """
-    rng, examples = random.Random(seed), []
-    for example in data.synthetic_math(n, seed=seed, **TOY_TASK):
-        taught = [example.answer]
-        if world == "candidates":
-            answer = int(example.answer)
-            decoy = answer + rng.choice([d for d in TOY_DECOYS if answer + d >= 0])
-            taught = rng.sample([example.answer, str(decoy)], 2)
-            example = dataclasses.replace(example, solution=f"The result is {taught[0]} or {taught[1]}.")
-        examples.append((example, taught))
-    return examples
-
-
+TOY_WORLDS = ("worked", "candidates")  # what the teacher reads (data.toy_examples)
 def build_toy_world(config):
-    """
-    Writes out_dir/toy_base_<recipe>: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
-    warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the loop
-    reads like any data set. The folder is named by a hash of everything it follows from but the seed, so a later
-    run with the same recipe reuses it and one with another builds its own. Returns its path.
-    """
+    """Writes out_dir/toy_base_<recipe>: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
+    warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the loop reads
+    like any data set. The folder is named by a hash of everything it follows from but the seed, so a later run with the
+    same recipe reuses it and one with another builds its own. Returns its path."""
     recipe = json.dumps({"world": config.toy_world, "task": TOY_TASK, "problems": [TOY_TRAIN, TOY_HELD_OUT],
-                         "decoys": TOY_DECOYS, "model": TOY_MODEL,
+                         "decoys": data.DECOYS, "model": TOY_MODEL,
                          "warm_start": {**TOY_WARM_START, "steps": config.toy_warm_start_steps},
                          "templates": [config.student_template, config.teacher_template]}, sort_keys=True)
     path = os.path.join(config.out_dir, "toy_base_" + hashlib.sha1(recipe.encode()).hexdigest()[:10])
@@ -767,9 +683,10 @@ def build_toy_world(config):
         return path
     print(f"[toy] building the toy world in {path} (cached for the next run)", file=sys.stderr)
     start = time.time()
-    held_out = [e for e, _ in toy_examples(config.toy_world, TOY_HELD_OUT, seed=2)]
+    held_out = [e for e, _ in data.toy_examples(config.toy_world, TOY_HELD_OUT, seed=2, **TOY_TASK)]
     seen = {e.problem for e in held_out}
-    train = [(e, taught) for e, taught in toy_examples(config.toy_world, TOY_TRAIN, seed=1) if e.problem not in seen]
+    train = [(e, taught) for e, taught in data.toy_examples(config.toy_world, TOY_TRAIN, seed=1, **TOY_TASK)
+             if e.problem not in seen]
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

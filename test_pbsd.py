@@ -679,7 +679,8 @@ def test_tool_reward():
     assert data.tool_reward(good.replace("get_weather", "get_time"), reference) == 0
     assert data.tool_reward("Action: get_weather\nAction Input: {city: Oslo}", reference) == 0
     assert data.tool_reward("no call at all", reference) == 0
-    example = data.synthetic_tools(1, seed=3)[0]
+    example = data.Example("Please call get_weather.", reference, task="tool",
+                           solution=data.format_tool_call("get_weather", {"city": "Oslo", "unit": "celsius"}))
     assert data.reward(example, example.solution) == 1
 
 
@@ -1177,7 +1178,7 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
                                              str(tmp_path / "adapter")).eval()
     batch = trainer.rank_batch(0)
     if loss != "sft":  # the seeds follow from the step and the positions: the loop will sample these again
-        rollouts, rewards = trainer.sample(0, batch, pbsd.Stats())
+        rollouts, rewards = trainer.sample(0, batch, E.Stats())
     trainer.train()
     logged = json.loads(open(tmp_path / "metrics.jsonl").readline())["loss"]
 
@@ -1318,11 +1319,11 @@ def test_a_step_at_the_defaults_bf16_compiled_against_fp32_eager(tiny_with_token
                 p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
     bf16 = trainers["bfloat16"]
     batch = bf16.rank_batch(0)
-    compiled = bf16.sample(0, batch, pbsd.Stats())
+    compiled = bf16.sample(0, batch, E.Stats())
     bf16.config.compile = False
-    assert bf16.sample(0, batch, pbsd.Stats()) == compiled
+    assert bf16.sample(0, batch, E.Stats()) == compiled
     bf16.config.compile = True
-    rollouts = trainers["float32"].sample(0, batch, pbsd.Stats())
+    rollouts = trainers["float32"].sample(0, batch, E.Stats())
     losses, updates = {}, {}
     for dtype, trainer in trainers.items():
         before = _lora_state(trainer.model)
@@ -1574,6 +1575,7 @@ def test_toy_world_shortened(tmp_path):
     result = _run_pbsd(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "student Avg@2" in result.stdout and "frozen teacher Avg@2" in result.stdout
+    assert "PBSD (label reward, beta 0.5) in the worked toy world on 4 held-out problems, 2 steps" in result.stdout
     assert "student greedy accuracy" in result.stdout and "frozen teacher greedy accuracy" in result.stdout
     base, = tmp_path.glob("toy_base_*")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "train.jsonl", "held_out.jsonl"):
@@ -1609,15 +1611,15 @@ def test_toy_world_cache_follows_its_recipe(tmp_path, capsys):
 
 def test_toy_worlds_give_the_teacher_what_they_say():
     """worked: the worked solution, ending in the answer; candidates: the answer and a decoy, in random order."""
-    for example, taught in pbsd.toy_examples("worked", 20, seed=3):
+    for example, taught in data.toy_examples("worked", 20, seed=3, **pbsd.TOY_TASK):
         assert data.last_boxed(example.solution) == example.answer and taught == [example.answer]
-    examples = pbsd.toy_examples("candidates", 200, seed=3)
+    examples = data.toy_examples("candidates", 200, seed=3, **pbsd.TOY_TASK)
     for example, taught in examples:
         shown = re.findall(r"\d+", example.solution)
         assert shown == taught and example.answer in taught and len(set(taught)) == 2
-        assert int(max(taught, key=lambda n: n != example.answer)) - int(example.answer) in pbsd.TOY_DECOYS
+        assert int(max(taught, key=lambda n: n != example.answer)) - int(example.answer) in data.DECOYS
     assert 0.35 < sum(taught[0] == example.answer for example, taught in examples) / len(examples) < 0.65
-    assert [e for e, _ in examples] == [e for e, _ in pbsd.toy_examples("candidates", 200, seed=3)]
+    assert [e for e, _ in examples] == [e for e, _ in data.toy_examples("candidates", 200, seed=3, **pbsd.TOY_TASK)]
 
 
 def test_bench_toy_reports_avg_and_greedy_accuracy(tmp_path, capsys):

@@ -96,7 +96,7 @@ class Config:
     export_merged: str = ""  # at the end, write a merged HF checkpoint here
     seed: int = 0
     toy_world: str = "worked"  # the toy world only: what its teacher reads (data.toy_examples)
-    toy_warm_start_steps: int = 600  # the toy world only: SFT steps that make its starting checkpoint
+    toy_warm_start_steps: int = 0  # the toy world only: SFT steps that make its checkpoint (0: its world's own)
 
 
 class ConfigError(ValueError):
@@ -132,15 +132,15 @@ def parse_args(argv):
 
 def _validate(config):
     choices = {"loss": ("pbsd", "opsd", "opsd_sampled", "sft", "grpo"), "pbsd_label": ("teacher", "reward"),
-               "task": ("math", "tool"), "dtype": ("bfloat16", "float32"), "toy_world": TOY_WORLDS}
+               "task": ("math", "tool"), "dtype": ("bfloat16", "float32"), "toy_world": tuple(TOY_WORLDS)}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
     # temperature 0 would make every log-prob (logits / T) infinite; keep_last 0 would keep every checkpoint
     positive = ("beta", "temperature", "n_teacher", "n_student", "max_new_tokens", "lora_rank", "lora_alpha", "steps",
-                "batch_size", "micro_batch_size", "eval_k", "keep_last", "toy_warm_start_steps")
+                "batch_size", "micro_batch_size", "eval_k", "keep_last")
     at_least_zero = ("rollout_batch_size", "jsd_token_clip", "lr", "warmup_steps", "weight_decay", "grad_clip",
-                     "eval_every", "eval_problems", "eval_max_new_tokens", "save_every")
+                     "eval_every", "eval_problems", "eval_max_new_tokens", "save_every", "toy_warm_start_steps")
     for key in positive + at_least_zero:
         value = getattr(config, key)
         if not (value > 0 if key in positive else value >= 0):  # NaN fails both
@@ -666,26 +666,32 @@ TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, nu
                  num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=512,
                  tie_word_embeddings=True)
 TOY_TRAIN, TOY_HELD_OUT = 4000, 200  # problems (seeds 1 and 2 of data.synthetic_math)
-TOY_TASK = dict(steps=(1, 1), max_value=10)  # one addition or subtraction on numbers up to 10
 TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024)
-TOY_WORLDS = ("worked", "candidates")  # what the teacher reads (data.toy_examples)
+# What the teacher reads (data.toy_examples), and the task (one addition or subtraction on numbers up to max_value)
+# and warm start that make the world test what it is for. worked: a student still learning, beside a teacher that
+# copies the answer. candidates: a teacher right about half the time, above a student that cannot yet add.
+TOY_WORLDS = {"worked": dict(max_value=10, warm_start_steps=600),
+              "candidates": dict(max_value=40, warm_start_steps=1600)}
+
+
 def build_toy_world(config):
     """Writes out_dir/toy_base_<recipe>: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
     warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the loop reads
     like any data set. The folder is named by a hash of everything it follows from but the seed, so a later run with the
     same recipe reuses it and one with another builds its own. Returns its path."""
-    recipe = json.dumps({"world": config.toy_world, "task": TOY_TASK, "problems": [TOY_TRAIN, TOY_HELD_OUT],
-                         "decoys": data.DECOYS, "model": TOY_MODEL,
-                         "warm_start": {**TOY_WARM_START, "steps": config.toy_warm_start_steps},
+    task = dict(steps=(1, 1), max_value=TOY_WORLDS[config.toy_world]["max_value"])
+    steps = config.toy_warm_start_steps or TOY_WORLDS[config.toy_world]["warm_start_steps"]
+    recipe = json.dumps({"world": config.toy_world, "task": task, "problems": [TOY_TRAIN, TOY_HELD_OUT],
+                         "decoys": data.DECOYS, "model": TOY_MODEL, "warm_start": {**TOY_WARM_START, "steps": steps},
                          "templates": [config.student_template, config.teacher_template]}, sort_keys=True)
     path = os.path.join(config.out_dir, "toy_base_" + hashlib.sha1(recipe.encode()).hexdigest()[:10])
     if os.path.exists(path):
         return path
     print(f"[toy] building the toy world in {path} (cached for the next run)", file=sys.stderr)
     start = time.time()
-    held_out = [e for e, _ in data.toy_examples(config.toy_world, TOY_HELD_OUT, seed=2, **TOY_TASK)]
+    held_out = [e for e, _ in data.toy_examples(config.toy_world, TOY_HELD_OUT, seed=2, **task)]
     seen = {e.problem for e in held_out}
-    train = [(e, taught) for e, taught in data.toy_examples(config.toy_world, TOY_TRAIN, seed=1, **TOY_TASK)
+    train = [(e, taught) for e, taught in data.toy_examples(config.toy_world, TOY_TRAIN, seed=1, **task)
              if e.problem not in seen]
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -705,7 +711,7 @@ def build_toy_world(config):
     # SFT on a 50/50 mix of student and teacher prompts, each followed by its answer: the right one for the
     # student, one its world teaches for the teacher
     optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_WARM_START["lr"], weight_decay=0.0)
-    steps, batch_size = config.toy_warm_start_steps, TOY_WARM_START["batch_size"]
+    batch_size = TOY_WARM_START["batch_size"]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     progress = evaluation.Progress(steps, "toy warm start")
     rng = random.Random(config.seed)

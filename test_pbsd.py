@@ -1606,20 +1606,21 @@ def test_toy_world_cache_follows_its_recipe(tmp_path, capsys):
     assert other != base and "building the toy world" in capsys.readouterr().err
     assert (Path(base) / "model.safetensors").read_bytes() == weights  # the first is kept as it was
     recipe = json.load(open(Path(other) / "warm_start.json"))["recipe"]
-    assert recipe["warm_start"]["steps"] == 5 and recipe["task"]["max_value"] == pbsd.TOY_TASK["max_value"]
+    assert recipe["warm_start"]["steps"] == 5 and recipe["task"]["max_value"] == pbsd.TOY_WORLDS["worked"]["max_value"]
 
 
 def test_toy_worlds_give_the_teacher_what_they_say():
     """worked: the worked solution, ending in the answer; candidates: the answer and a decoy, in random order."""
-    for example, taught in data.toy_examples("worked", 20, seed=3, **pbsd.TOY_TASK):
+    for example, taught in data.toy_examples("worked", 20, seed=3, steps=(1, 1), max_value=40):
         assert data.last_boxed(example.solution) == example.answer and taught == [example.answer]
-    examples = data.toy_examples("candidates", 200, seed=3, **pbsd.TOY_TASK)
+    examples = data.toy_examples("candidates", 200, seed=3, steps=(1, 1), max_value=40)
     for example, taught in examples:
         shown = re.findall(r"\d+", example.solution)
         assert shown == taught and example.answer in taught and len(set(taught)) == 2
         assert int(max(taught, key=lambda n: n != example.answer)) - int(example.answer) in data.DECOYS
     assert 0.35 < sum(taught[0] == example.answer for example, taught in examples) / len(examples) < 0.65
-    assert [e for e, _ in examples] == [e for e, _ in data.toy_examples("candidates", 200, seed=3, **pbsd.TOY_TASK)]
+    again = data.toy_examples("candidates", 200, seed=3, steps=(1, 1), max_value=40)
+    assert [e for e, _ in examples] == [e for e, _ in again]
 
 
 def test_bench_toy_reports_avg_and_greedy_accuracy(tmp_path, capsys):

@@ -703,25 +703,22 @@ def build_toy_world(config):
     tokenizer = data.train_tokenizer(texts, TOY_WARM_START["vocab_size"], tmp)
     torch.manual_seed(config.seed)
     model = qwen3.Qwen3(qwen3.Qwen3Config(vocab_size=tokenizer.tokenizer.get_vocab_size(), **TOY_MODEL))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.02)
+    for name, p in model.named_parameters():  # GPT-2's initialisation; the norms' scales stay 1
+        if "norm" not in name:
+            torch.nn.init.normal_(p, 0.0, 0.02)
 
     # SFT on a 50/50 mix of student and teacher prompts, each followed by its answer: the right one for the
     # student, one its world teaches for the teacher
     optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_WARM_START["lr"], weight_decay=0.0)
-    batch_size = TOY_WARM_START["batch_size"]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     progress = evaluation.Progress(steps, "toy warm start")
     rng = random.Random(config.seed)
-    end_of_turn = tokenizer.encode(data.IM_END)
     for step in range(steps):
-        batch = rng.sample(train, batch_size)
+        batch = rng.sample(train, TOY_WARM_START["batch_size"])
         prompts = [data.teacher_prompt(e, tokenizer, template=teacher_template) if i % 2 else
                    data.student_prompt(e, tokenizer, template=student_template) for i, (e, _) in enumerate(batch)]
         answers = [rng.choice(taught) if i % 2 else e.answer for i, (e, taught) in enumerate(batch)]
-        responses = [tokenizer.encode(f"\\boxed{{{answer}}}") + end_of_turn for answer in answers]
+        responses = [tokenizer.encode(f"\\boxed{{{answer}}}{data.IM_END}") for answer in answers]
         hidden, targets, _ = response_hidden(model, prompts, responses)
         loss = -kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -731,7 +728,6 @@ def build_toy_world(config):
         if step % 50 == 49 or step == steps - 1:
             progress.update(step + 1, f"sft loss {loss.item():.3f}")
 
-    model.requires_grad_(False)
     qwen3.save_qwen3(model, tmp)
     json.dump({"eos_token_id": list(tokenizer.eos_ids)}, open(os.path.join(tmp, "generation_config.json"), "w"))
     json.dump({"recipe": json.loads(recipe), "seed": config.seed, "seconds": round(time.time() - start, 1)},

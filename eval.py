@@ -5,10 +5,10 @@ Avg@k evaluation: k sampled answers per problem with the project's sampler, grad
     torchrun --nproc_per_node 8 eval.py ...   (problems are split across ranks and gathered on rank 0)
 
 Each problem samples with its own seed (the i-th child of --seed), so the results do not depend on the number
-of ranks or on --batch_size.
+of ranks or on --batch_size. Avg@k is the mean over problems of (correct samples / k). pass@k uses the unbiased
+estimator of Chen et al. (2021), 1 - C(n - c, k) / C(n, k) with n samples of which c are correct.
 
-Avg@k is the mean over problems of (correct samples / k). pass@k uses the unbiased estimator of Chen et al.
-(2021), 1 - C(n - c, k) / C(n, k) with n samples of which c are correct; pass@1 equals Avg@k.
+The training run's reporting lives here too: its per-step metrics (Stats), progress line, plot and table.
 """
 
 import argparse

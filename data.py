@@ -3,14 +3,13 @@ Everything between a data file and a reward: examples, the tokenizer, the studen
 the verifiable rewards (math answers, tool calls), and the built-in synthetic math task.
 """
 
-import dataclasses
 import glob
 import json
 import os
 import random
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -347,7 +346,7 @@ def toy_examples(world, n, seed, **task):
             answer = int(example.answer)
             decoy = answer + rng.choice([d for d in DECOYS if answer + d >= 0])
             taught = rng.sample([example.answer, str(decoy)], 2)
-            example = dataclasses.replace(example, solution=f"The result is {taught[0]} or {taught[1]}.")
+            example = replace(example, solution=f"The result is {taught[0]} or {taught[1]}.")
         examples.append((example, taught))
     return examples
 

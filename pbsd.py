@@ -679,8 +679,9 @@ def build_toy_world(config):
     warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the loop reads
     like any data set. The folder is named by a hash of everything it follows from but the seed, so a later run with the
     same recipe reuses it and one with another builds its own. Returns its path."""
-    task = dict(steps=(1, 1), max_value=TOY_WORLDS[config.toy_world]["max_value"])
-    steps = config.toy_warm_start_steps or TOY_WORLDS[config.toy_world]["warm_start_steps"]
+    world = TOY_WORLDS[config.toy_world]
+    task = dict(steps=(1, 1), max_value=world["max_value"])
+    steps = config.toy_warm_start_steps or world["warm_start_steps"]
     recipe = json.dumps({"world": config.toy_world, "task": task, "problems": [TOY_TRAIN, TOY_HELD_OUT],
                          "decoys": data.DECOYS, "model": TOY_MODEL, "warm_start": {**TOY_WARM_START, "steps": steps},
                          "templates": [config.student_template, config.teacher_template]}, sort_keys=True)

@@ -26,7 +26,7 @@ import traceback
 
 import torch
 
-import kernels
+import loss_kernels
 import model as qwen3
 
 CUDA = torch.cuda.is_available()
@@ -183,16 +183,16 @@ def naive_jsd(student_hidden, teacher_hidden, weight, beta=0.5):
 def bench_kernels():
     n, v, d = (16384, 151936, 2048) if CUDA else (2048, 16384, 256)
     dtype = torch.bfloat16 if CUDA else torch.float32
-    kernels.compile_kernels = CUDA
+    loss_kernels.compile_kernels = CUDA
     torch.manual_seed(0)
     hidden = torch.randn(n, d, device=DEVICE, dtype=dtype, requires_grad=True)
     teacher_hidden = torch.randn(n, d, device=DEVICE, dtype=dtype)
     weight = torch.randn(v, d, device=DEVICE, dtype=dtype) * d ** -0.5
     targets = torch.randint(0, v, (n,), device=DEVICE)
     cases = {
-        "log-probs, chunked": lambda: kernels.token_logprobs(hidden, weight, targets).sum().backward(),
+        "log-probs, chunked": lambda: loss_kernels.token_logprobs(hidden, weight, targets).sum().backward(),
         "log-probs, naive": lambda: naive_token_logprobs(hidden, weight, targets).sum().backward(),
-        "JSD, chunked": lambda: kernels.gjs_divergence(hidden, teacher_hidden, weight).sum().backward(),
+        "JSD, chunked": lambda: loss_kernels.gjs_divergence(hidden, teacher_hidden, weight).sum().backward(),
         "JSD, naive": lambda: naive_jsd(hidden, teacher_hidden, weight).sum().backward(),
     }
     matmuls = {"log-probs": 3, "JSD": 4}  # forward, recomputed forward, input gradient (JSD: two forwards)
@@ -226,7 +226,7 @@ def pbsd_step():
     dtype = torch.bfloat16 if CUDA else torch.float32
     prompts_per_step, prompt_len, new_tokens = (16, 256, 1024) if CUDA else (4, 32, 32)
     micro_batch = 4 if CUDA else 1  # prompts: the loop's default, and its CPU stand-in
-    kernels.compile_kernels = CUDA
+    loss_kernels.compile_kernels = CUDA
     model = random_model(shape, dtype)
     lora = qwen3.apply_lora(model)
     optimizer = torch.optim.AdamW(lora, lr=1e-5)
@@ -253,14 +253,14 @@ def pbsd_step():
             part = slice(first, first + micro_batch)
             responses = student_responses[part] + teacher_responses[part]  # y- then y+ of each prompt
             hidden, targets, rows = pbsd.response_hidden(model, student_prompts[part] * 2, responses)
-            student = kernels.token_logprobs(hidden, weight, targets)
+            student = loss_kernels.token_logprobs(hidden, weight, targets)
             with torch.no_grad(), qwen3.adapters_off(model):
                 teacher_hidden, _, _ = pbsd.response_hidden(model, teacher_prompts[part] * 2, responses)
-                teacher = kernels.token_logprobs(teacher_hidden, weight, targets)
+                teacher = loss_kernels.token_logprobs(teacher_hidden, weight, targets)
             sums = pbsd.sequence_sums(student, rows, len(responses))
             teacher_sums = pbsd.sequence_sums(teacher, rows, len(responses))
             rewards = torch.zeros(micro_batch, device=DEVICE)
-            loss, _, _ = kernels.pbsd_loss(sums[micro_batch:], teacher_sums[micro_batch:], sums[:micro_batch],
+            loss, _, _ = loss_kernels.pbsd_loss(sums[micro_batch:], teacher_sums[micro_batch:], sums[:micro_batch],
                                            teacher_sums[:micro_batch], rewards, rewards, beta=0.1)
             (loss.sum() / prompts_per_step).backward()
         optimizer.step()
@@ -502,7 +502,7 @@ def report_target_on_wrong_references(base, right, wrong):
     for name, solutions in (("right", [r.solution for r, _ in pairs]), ("wrong", [w.solution for _, w in pairs])):
         hidden, targets, rows, _ = pbsd.response_hidden(model, prompts, [tokenizer.encode(s) + end_of_turn
                                                                          for s in solutions])
-        logp = kernels.token_logprobs(hidden, model.lm_head_weight, targets)  # (N,)
+        logp = loss_kernels.token_logprobs(hidden, model.lm_head_weight, targets)  # (N,)
         sums[name] = pbsd.sequence_sums(logp, rows, len(pairs)).double()  # (P,) log pi_T of each whole solution
     rows = []
     for beta in (2.0, 1.0, 0.5, 0.25, 0.1, 0.05):

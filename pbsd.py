@@ -10,7 +10,7 @@ teacher pi_T(y | x, c) is the same weights with the LoRA off (frozen at the star
 solution c. PBSD maximises J(pi) = E_x[E_{y~pi} r(x, y) - beta KL(pi || pi_T)], whose maximiser is the teacher
 reweighted by its reward, pi*(y|x) = pi_T(y|x,c) exp(r(x,y) / beta) / Z(x), which scores beta E log Z >= E_{pi_T} r
 (Jensen). Writing r = beta log pi*/pi_T + beta log Z turns J into a preference problem between a teacher sample
-y+ and an on-policy student sample y-, solved with the logistic loss of kernels.pbsd_loss.
+y+ and an on-policy student sample y-, solved with the logistic loss of loss_kernels.pbsd_loss.
 
 The file reads top to bottom: the config, the objectives (one function each), scoring, the Trainer (rollouts,
 the step, evaluation, checkpoints), the command line, and the toy world. `python pbsd.py --help` lists the config.
@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 import data
 import eval as evaluation
-import kernels
+import loss_kernels
 import model as qwen3
 
 
@@ -171,7 +171,7 @@ def pbsd_objective(student_sums, teacher_sums, rewards, lengths, n_prompts, conf
     if config.length_norm:
         student_sums, teacher_sums = student_sums / lengths, teacher_sums / lengths
     plus, minus = (i.to(rewards.device) for i in pbsd_pairs(n_prompts, config.n_teacher, config.n_student))
-    loss, margin, label = kernels.pbsd_loss(student_sums[plus], teacher_sums[plus], student_sums[minus],
+    loss, margin, label = loss_kernels.pbsd_loss(student_sums[plus], teacher_sums[plus], student_sums[minus],
                                             teacher_sums[minus], rewards[plus], rewards[minus], beta=config.beta,
                                             label=config.pbsd_label)
     stats.add("margin", margin.tolist())
@@ -182,7 +182,7 @@ def pbsd_objective(student_sums, teacher_sums, rewards, lengths, n_prompts, conf
 def opsd_objective(student_hidden, teacher_hidden, head_weight, config):
     """OPSD: per token of the student's rollouts, the generalized JSD of the teacher's and the student's next-token
     distributions over the full vocabulary, clipped at jsd_token_clip if set."""
-    divergence = kernels.gjs_divergence(student_hidden, teacher_hidden, head_weight, beta=config.beta_jsd,
+    divergence = loss_kernels.gjs_divergence(student_hidden, teacher_hidden, head_weight, beta=config.beta_jsd,
                                         temperature=config.temperature)  # (N,)
     return (divergence.clamp(max=config.jsd_token_clip) if config.jsd_token_clip > 0 else divergence).sum()
 
@@ -243,7 +243,7 @@ class Trainer:
         if config.batch_size % self.world:
             raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of the number of ranks "
                               f"({self.world})")
-        kernels.compile_kernels = config.compile and self.device.type == "cuda"
+        loss_kernels.compile_kernels = config.compile and self.device.type == "cuda"
         self.model = qwen3.load_qwen3(config.model, self.device, getattr(torch, config.dtype))
         self.model.gradient_checkpointing = config.gradient_checkpointing
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
@@ -363,7 +363,7 @@ class Trainer:
         lora_off = qwen3.adapters_off(self.model) if teacher else nullcontext()
         with without_grad, lora_off:
             hidden, targets, rows = response_hidden(self.model, prompts, responses)
-            logp, entropy = kernels.token_logprobs(hidden, self.model.lm_head_weight, targets,
+            logp, entropy = loss_kernels.token_logprobs(hidden, self.model.lm_head_weight, targets,
                                                    temperature=self.config.temperature, with_entropy=True)
         return logp, entropy, rows, hidden
 
@@ -721,7 +721,7 @@ def build_toy_world(config):
         answers = [rng.choice(taught) if i % 2 else e.answer for i, (e, taught) in enumerate(batch)]
         responses = [tokenizer.encode(f"\\boxed{{{answer}}}{data.IM_END}") for answer in answers]
         hidden, targets, _ = response_hidden(model, prompts, responses)
-        loss = -kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
+        loss = -loss_kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import data
 import eval as E
-import kernels as K
+import loss_kernels as K
 import model as M
 import pbsd
 
@@ -503,7 +503,7 @@ def test_student_and_teacher_in_one_batch(tiny, compile):
 
 
 
-# ---- kernels.py against naive float64 implementations
+# ---- loss_kernels.py against naive float64 implementations
 
 
 def naive_logprobs(hidden, weight, targets, temperature):
@@ -1441,7 +1441,7 @@ def test_out_of_memory_says_what_to_lower(tiny_with_tokenizer, train_file, tmp_p
             (M, "generate", r"^step 2, sampling: out of GPU memory \(CUDA out of memory. Tried to allocate 20.00 GiB "
                             r"\(GPU 0; 79.1 GiB total\)\); sample fewer prompts per call with --rollout_batch_size "
                             r"\(now 3 of this rank's 4\), or fewer --max_new_tokens. "),
-            (pbsd.kernels, "pbsd_loss", r"^step 2, training: out of GPU memory \(.*\); lower --micro_batch_size "
+            (pbsd.loss_kernels, "pbsd_loss", r"^step 2, training: out of GPU memory \(.*\); lower --micro_batch_size "
                                         r"\(now 2\), or turn --gradient_checkpointing on. ")]:
         with monkeypatch.context() as patch:
             patch.setattr(module, name, out_of_memory)

@@ -5,6 +5,7 @@ Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a 
     python bench.py sampler     # new tokens/s and GB/s of the KV-cache sampler, against transformers' generate
     python bench.py kernels     # peak memory and time of the chunked loss kernels against full-logits versions
     python bench.py train       # one PBSD step: rollout tokens/s, trained tokens/s, MFU, generation vs training
+    python bench.py memory      # one rank's memory at the defaults, computed from the 1.7B and 8B shapes
     python bench.py toy         # the toy world: every objective, three seeds, same warm start and budget
     python bench.py beta        # the toy world: PBSD at six values of beta, three seeds each
     python bench.py wrong_references  # the toy world's objectives where half the reference solutions end wrong
@@ -325,6 +326,48 @@ def bench_train():
     return step
 
 
+def bench_memory(prompt_tokens=256, teacher_prompt_tokens=2048, ranks=8):
+    """
+    What one rank holds at its peak in a PBSD run at pbsd.Config's defaults on `ranks` GPUs, computed from the
+    shapes (no GPU measured it): the weights, the LoRA with its gradient and AdamW's two moments, the rollouts' KV
+    cache (kept between steps, where the sampler's CUDA graphs recorded it), the evaluation's (released when the
+    evaluation ends), and a micro-batch's training activations with gradient checkpointing: each block's input,
+    one block's intermediates recomputed in backward, and the loss kernel's chunk of fp32 logits.
+    """
+    import pbsd
+    config, gib = pbsd.Config(), 2**30
+    rows = []
+    for name, shape in (("Qwen3-1.7B", QWEN3_1_7B), ("Qwen3-8B", QWEN3_8B)):
+        with torch.device("meta"):
+            model = qwen3.Qwen3(qwen3.Qwen3Config(**shape)).to(torch.bfloat16)
+            lora = sum(p.numel() for p in qwen3.apply_lora(model, config.lora_rank, config.lora_alpha))  # fp32
+        weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+        per_token = kv_bytes_per_token(model)
+        slots = lambda prompt, new: -(-(prompt + new) // qwen3.WINDOW) * qwen3.WINDOW + 1
+        prompts = config.batch_size // ranks  # the rank's share, sampled in one call, both roles
+        rollout_kv = prompts * (config.n_student + config.n_teacher) * slots(teacher_prompt_tokens,
+                                                                          config.max_new_tokens) * per_token
+        eval_kv = config.micro_batch_size * config.eval_k * slots(prompt_tokens, config.max_new_tokens) * per_token
+        # a micro-batch scores its prompts' responses (y- and y+) after the student prompt, with gradient
+        tokens = config.micro_batch_size * (config.n_student + config.n_teacher) * (prompt_tokens + config.max_new_tokens)
+        D, I, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_key_value_heads"] * shape["head_dim"]
+        heads = shape["num_attention_heads"] * shape["head_dim"]
+        block = (5 * D + 2 * heads + 2 * kv + 3 * I) * 2  # bytes a token's block keeps for backward, bf16
+        chunk = 3 * 1024 * shape["vocab_size"] * 4  # the loss kernel's (1024, V) fp32 logits, probabilities, gradient
+        activations = tokens * (shape["num_hidden_layers"] * D * 2 + block) + chunk
+        training = rollout_kv + activations
+        peak = weights + 16 * lora + max(training, eval_kv)
+        rows.append([name, f"{weights / gib:.1f}", f"{16 * lora / gib:.1f}", f"{rollout_kv / gib:.1f}",
+                     f"{eval_kv / gib:.1f}", f"{activations / gib:.1f}", f"{peak / gib:.1f}",
+                     "training" if training > eval_kv else "evaluation"])
+    print_table(f"memory: one rank of {ranks} at the defaults (batch {config.batch_size}, micro-batch "
+                f"{config.micro_batch_size}, {config.max_new_tokens} new tokens, LoRA r {config.lora_rank}, "
+                f"Avg@{config.eval_k}), student prompts of {prompt_tokens} tokens, teacher prompts of "
+                f"{teacher_prompt_tokens}; GiB computed from the shapes",
+                ["model", "weights", "LoRA + AdamW", "rollouts' KV", "evaluation's KV", "activations", "peak",
+                 "peak while"], rows)
+
+
 # A lent GPU has 15 minutes in all, its start-up and every call included: `bench.py gpu` is one call that fits
 GPU_SECONDS = 540
 
@@ -590,6 +633,7 @@ def datasheet():
 
 if __name__ == "__main__":
     benches = {"gpu": bench_gpu, "sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train,
+               "memory": bench_memory,
                "toy": bench_toy_worlds,
                "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta"), "wrong_references": bench_wrong_references}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]

@@ -213,12 +213,14 @@ def hf_tensors(model):
     """HF checkpoint key -> the tensor of ours that holds it: a parameter, or rows of a stacked projection."""
     tensors = {}
     for name, p in model.named_parameters():
+        if "lora_" in name:  # an adapter, which save_lora writes in PEFT's layout
+            continue
         owner_name = name.rsplit(".", 1)[0]
         parts = getattr(model.get_submodule(owner_name), "parts", None)
-        if parts and "lora_" not in name:  # a stacked projection: each part's rows under its own HF name
+        if parts:  # a stacked projection: each part's rows under its own HF name
             parent = owner_name.rsplit(".", 1)[0]
             tensors.update({hf_key(f"{parent}.{part}.weight"): p[rows] for part, rows in parts})
-        elif not parts:
+        else:
             tensors[hf_key(name)] = p
     return tensors
 
@@ -273,11 +275,14 @@ def load_qwen3(path, device="cpu", dtype=torch.bfloat16):
 
 
 def save_qwen3(model, path):
-    """Writes an HF checkpoint folder (config.json + model.safetensors) that transformers loads."""
-    if lora_modules(model):
-        raise ValueError("save_qwen3 writes base weights only: merge_lora(model) first, or save_lora the adapter")
+    """Writes an HF checkpoint folder (config.json + model.safetensors) that transformers loads. An adapter is saved
+    folded into its base weight, W + (alpha / r) B A; the model itself keeps its LoRA."""
     os.makedirs(path, exist_ok=True)
     tensors = {key: t.detach().to("cpu", copy=True) for key, t in hf_tensors(model).items()}
+    for name, m in lora_modules(model):
+        for (part, _), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
+            key = hf_key(f"{name.rsplit('.', 1)[0]}.{part}.weight")
+            tensors[key] = (tensors[key].float() + m.scaling * (lora_B @ lora_A).detach().cpu()).to(m.weight.dtype)
     atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(tensors, tmp,
                                                                                metadata={"format": "pt"}))
     atomic_write(os.path.join(path, "config.json"),
@@ -368,20 +373,6 @@ def adapters_off(model):  # the teacher: the frozen base model, through the same
 # batch's forward costs what reading the weights costs, so two roles sampled together cost about one alone.
 def adapters_on_rows(model, adapter_rows):
     return lora_setting(model, "adapter_rows", adapter_rows, None)
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """Folds W += (alpha / r) B A into the base weights and turns each LoRALinear back into a Projection."""
-    for name, m in lora_modules(model):
-        parent = model.get_submodule(name.rsplit(".", 1)[0])
-        weight = m.weight.float()
-        for (_, rows), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
-            weight[rows] += m.scaling * (lora_B @ lora_A)
-        projection = Projection(m.weight.shape[1], {part: r.stop - r.start for part, r in m.parts}, device="meta")
-        projection.weight = nn.Parameter(weight.to(m.weight.dtype), requires_grad=False)
-        setattr(parent, name.rsplit(".", 1)[1], projection)
-    return model
 
 
 def peft_tensors(model):
@@ -510,8 +501,13 @@ def compiled_decode_step(device_type):
 
 
 # (device, dtype) -> one flat buffer that every call's caches are views of: a CUDA graph replays on the addresses
-# it recorded, so a call of a shape seen before finds its caches where they were
+# it recorded (a cache that moved makes it record again), so a call of a shape seen before finds its caches there
 _kv_storage = {}
+
+
+def release_kv_cache():
+    """Frees the sampler's cache storage: after an evaluation, whose calls sample more rows than a training step's."""
+    _kv_storage.clear()
 
 
 def kv_caches(config, n_rows, n_slots, dtype, device):

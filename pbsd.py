@@ -521,7 +521,8 @@ class Trainer:
                       batch_size=config.micro_batch_size * config.eval_k, thinking=config.thinking,
                       seed=config.seed + 12345, compile=config.compile, show_progress=False)
         self.model.eval()
-        advice = (f"lower --micro_batch_size (an evaluation call samples it x --eval_k = {kwargs['batch_size']} rows) "
+        advice = (f"the evaluation's KV cache is what to lower: a call samples --micro_batch_size x --eval_k = "
+                  f"{kwargs['batch_size']} rows of up to {kwargs['max_new_tokens']} new tokens; lower --micro_batch_size "
                   f"or --eval_max_new_tokens")
         with self.out_of_memory_advice(f"evaluation at step {self.step}", advice):
             student = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
@@ -533,6 +534,7 @@ class Trainer:
                                                                role="teacher",
                                                                template=config.teacher_template or None, **kwargs)
                 result.update({f"teacher_{k}": v for k, v in teacher.items() if k != "per_problem"})
+        qwen3.release_kv_cache()  # an evaluation call samples micro_batch_size x eval_k rows, more than training's
         self.history.append(result)
         self.log(result)
         if self.rank == 0:
@@ -550,7 +552,12 @@ class Trainer:
         earlier = [n for n in ("metrics.jsonl", "learning_curve.png", "config.json", "checkpoints")
                    if self.step == 0 and os.path.exists(os.path.join(out_dir, n))]
         if self.step > 0 and os.path.exists(metrics):
-            kept = [line for line in open(metrics) if json.loads(line)["step"] <= self.step]
+            kept = []
+            for number, line in enumerate(open(metrics).read().splitlines(), start=1):
+                try:
+                    kept += [line + "\n"] if json.loads(line)["step"] <= self.step else []
+                except json.JSONDecodeError:  # a run killed while appending leaves its last line cut short
+                    print(f"[resume] {metrics}: dropped line {number}, cut short: {line[:60]!r}", file=sys.stderr)
             qwen3.atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(kept)))
         elif earlier:
             os.makedirs(os.path.join(out_dir, "earlier_runs"), exist_ok=True)
@@ -602,7 +609,8 @@ class Trainer:
                       file=sys.stderr)
             return
         qwen3.load_lora(self.model, path)
-        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        # onto the CPU, not the GPU rank 0 saved it from; load_state_dict moves the optimizer's state to its parameters
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
@@ -617,8 +625,7 @@ class Trainer:
 
     def export_merged(self):
         path = self.config.export_merged
-        qwen3.merge_lora(self.model)
-        qwen3.save_qwen3(self.model, path)
+        qwen3.save_qwen3(self.model, path)  # the adapter folded in; the model keeps it, for what runs after
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json", "merges.txt"):
             source = os.path.join(self.config.model, name)
             if os.path.exists(source):

@@ -258,8 +258,8 @@ def pbsd_step():
             with torch.no_grad(), qwen3.adapters_off(model):
                 teacher_hidden, _, _ = pbsd.response_hidden(model, teacher_prompts[part] * 2, responses)
                 teacher = loss_kernels.token_logprobs(teacher_hidden, weight, targets)
-            sums = pbsd.sequence_sums(student, rows, len(responses))
-            teacher_sums = pbsd.sequence_sums(teacher, rows, len(responses))
+            sums = torch.zeros(len(responses), device=DEVICE).index_add_(0, rows, student)  # (R,) log pi_theta(y)
+            teacher_sums = torch.zeros(len(responses), device=DEVICE).index_add_(0, rows, teacher)
             rewards = torch.zeros(micro_batch, device=DEVICE)
             loss, _, _ = loss_kernels.pbsd_loss(sums[micro_batch:], teacher_sums[micro_batch:], sums[:micro_batch],
                                            teacher_sums[:micro_batch], rewards, rewards, beta=0.1)
@@ -343,7 +343,7 @@ def bench_memory(prompt_tokens=256, teacher_prompt_tokens=2048, ranks=8):
             lora = sum(p.numel() for p in qwen3.apply_lora(model, config.lora_rank, config.lora_alpha))  # fp32
         weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
         per_token = kv_bytes_per_token(model)
-        slots = lambda prompt, new: -(-(prompt + new) // qwen3.WINDOW) * qwen3.WINDOW + 1
+        slots = lambda prompt, new: qwen3.round_up(prompt + new, qwen3.WINDOW) + 1
         prompts = config.batch_size // ranks  # the rank's share, sampled in one call, both roles
         rollout_kv = prompts * (config.n_student + config.n_teacher) * slots(teacher_prompt_tokens,
                                                                           config.max_new_tokens) * per_token
@@ -543,10 +543,10 @@ def report_target_on_wrong_references(base, right, wrong):
     end_of_turn = tokenizer.encode(data.IM_END)
     sums = {}
     for name, solutions in (("right", [r.solution for r, _ in pairs]), ("wrong", [w.solution for _, w in pairs])):
-        hidden, targets, rows, _ = pbsd.response_hidden(model, prompts, [tokenizer.encode(s) + end_of_turn
+        hidden, targets, rows = pbsd.response_hidden(model, prompts, [tokenizer.encode(s) + end_of_turn
                                                                          for s in solutions])
         logp = loss_kernels.token_logprobs(hidden, model.lm_head_weight, targets)  # (N,)
-        sums[name] = pbsd.sequence_sums(logp, rows, len(pairs)).double()  # (P,) log pi_T of each whole solution
+        sums[name] = torch.zeros(len(pairs)).index_add_(0, rows, logp).double()  # (P,) log pi_T of each solution
     rows = []
     for beta in (2.0, 1.0, 0.5, 0.25, 0.1, 0.05):
         p, boost = sums["right"].exp(), math.exp(1 / beta)

@@ -257,7 +257,8 @@ TEMPLATES = {
                     "Please reason step by step, and put your final answer within \\boxed{}."),
     },
     "tool": {
-        "student": "{problem}\n\nAnswer with exactly one API call, as\nAction: <API name>\nAction Input: <JSON arguments>",
+        "student": ("{problem}\n\nAnswer with exactly one API call, as\n"
+                    "Action: <API name>\nAction Input: <JSON arguments>"),
         "teacher": ("{problem}\n\nHere is a reference answer:\n"
                     "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
                     "Make sure you understand the reference answer, then answer in your own words.\n"

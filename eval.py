@@ -8,7 +8,8 @@ Each problem samples with its own seed (the i-th child of --seed), so the result
 of ranks or on --batch_size. Avg@k is the mean over problems of (correct samples / k). pass@k uses the unbiased
 estimator of Chen et al. (2021), 1 - C(n - c, k) / C(n, k) with n samples of which c are correct.
 
-The training run's reporting lives here too: its per-step metrics (Stats), progress line, plot and table.
+The training run's reporting and plumbing live here too (its per-step metrics, progress line, plot and table;
+setup_distributed): pbsd.py imports this file for its evaluations, and both command lines share them.
 """
 
 import argparse
@@ -219,7 +220,7 @@ def plot_run(metrics_path, png_path):
     if not titles:
         return titles
     n_columns = min(len(titles), 3)
-    n_lines = -(-len(titles) // n_columns)  # rounded up
+    n_lines = math.ceil(len(titles) / n_columns)
     fig, axes = plt.subplots(n_lines, n_columns, figsize=(5 * n_columns, 3.6 * n_lines), squeeze=False)
     panels = iter(axes.flat)
     if evals:

@@ -1,7 +1,7 @@
 """
 Qwen3 by hand (transformers' architecture exactly: the tests compare logits), its HF checkpoint loader, in-place
 LoRA and a batched KV-cache sampler. The student is the model with its LoRA on, the teacher the same weights with
-it off (`adapters_off`); the sampler draws both roles' rows in one batch (`adapters_on_rows`).
+it off (`adapters_off`); the sampler draws both roles' rows in one batch (`generate(..., adapters=...)`).
 """
 
 import functools
@@ -101,10 +101,11 @@ def apply_rope(x, cos, sin):
 
 
 class Projection(nn.Linear):
-    # the checkpoint's projections of one input stacked by rows (q, k, v; gate, up), so they cost one matmul
+    # the checkpoint's projections of one input stacked along the outputs (q, k, v; gate, up): one matmul for all
     def __init__(self, in_features, sizes, device=None):  # sizes: {HF name: output size}, in row order
         super().__init__(in_features, sum(sizes.values()), bias=False, device=device)
         starts = itertools.accumulate(sizes.values(), initial=0)
+        # (HF name, the slice of output features that is its weight's rows)
         self.parts = [(name, slice(start, start + size)) for (name, size), start in zip(sizes.items(), starts)]
 
 
@@ -120,6 +121,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, position, cache=None, mask=None):
+        """Training and scoring pass no cache; the sampler's prefill passes the cache that x's keys and values go to,
+        and a decode step also the mask of the cache slots that its one token a row attends."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
@@ -210,16 +213,16 @@ def hf_key(name):
 
 
 def hf_tensors(model):
-    """HF checkpoint key -> the tensor of ours that holds it: a parameter, or rows of a stacked projection."""
+    """HF checkpoint key -> the tensor of ours that holds it: a parameter, or a part of a stacked projection."""
     tensors = {}
     for name, p in model.named_parameters():
         if "lora_" in name:  # an adapter, which save_lora writes in PEFT's layout
             continue
         owner_name = name.rsplit(".", 1)[0]
         parts = getattr(model.get_submodule(owner_name), "parts", None)
-        if parts:  # a stacked projection: each part's rows under its own HF name
+        if parts:  # a stacked projection: each part's outputs under its own HF name
             parent = owner_name.rsplit(".", 1)[0]
-            tensors.update({hf_key(f"{parent}.{part}.weight"): p[rows] for part, rows in parts})
+            tensors.update({hf_key(f"{parent}.{part}.weight"): p[outputs] for part, outputs in parts})
         else:
             tensors[hf_key(name)] = p
     return tensors
@@ -308,25 +311,25 @@ class LoRALinear(nn.Module):
     def __init__(self, base, targets, rank, alpha):
         super().__init__()
         self.parts = base.parts
-        self.adapted = [(name, rows) for name, rows in base.parts if name in targets]
+        self.adapted = [(name, outputs) for name, outputs in base.parts if name in targets]
         self.rank, self.scaling, self.enabled = rank, alpha / rank, True
         self.adapter_rows = None  # (B, 1, 1): 1 on the rows that use the adapter, 0 on the rest; None: every row
         self.weight = base.weight  # (out, D), frozen
         # fp32 adapters on bf16 weights: AdamW updates of a small B would round away if stored in bf16
         self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, base.in_features,
                                                device=base.weight.device))  # (P r, D)
-        self.lora_B = nn.ParameterList(torch.zeros(rows.stop - rows.start, rank, device=base.weight.device)
-                                       for _, rows in self.adapted)
+        self.lora_B = nn.ParameterList(torch.zeros(outputs.stop - outputs.start, rank, device=base.weight.device)
+                                       for _, outputs in self.adapted)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of each A: fan-in D all the same
 
     def forward(self, x):
         y = F.linear(x, self.weight)  # (B, T, out)
         if not self.enabled:
             return y
-        # scaling * B, block-diagonal (out, P r): part p's B in p's rows and p's r columns, zero rows elsewhere
+        # scaling * B, block-diagonal (out, P r): part p's B in p's outputs and p's r columns, zero elsewhere
         up = torch.zeros(self.weight.shape[0], self.lora_A.shape[0], dtype=x.dtype, device=x.device)
-        for i, ((_, rows), lora_B) in enumerate(zip(self.adapted, self.lora_B)):
-            up[rows, i * self.rank:(i + 1) * self.rank] = self.scaling * lora_B
+        for i, ((_, outputs), lora_B) in enumerate(zip(self.adapted, self.lora_B)):
+            up[outputs, i * self.rank:(i + 1) * self.rank] = self.scaling * lora_B
         # in the activation dtype, as autocast would: fp32 matmuls run at a fraction of the bf16 rate
         down = F.linear(x, self.lora_A.to(x.dtype))  # (B, T, P r)
         if self.adapter_rows is not None:
@@ -353,30 +356,25 @@ def apply_lora(model, rank=64, alpha=128, targets=LORA_TARGETS):
 
 
 @contextmanager
-def lora_setting(model, name, value, restored):
-    """Sets attribute `name` of every LoRALinear to value for the duration, then to restored."""
+def lora_setting(model, name, value):
+    """Sets attribute `name` of every LoRALinear to value for the duration, then back to what it was."""
     modules = [m for _, m in lora_modules(model)]
+    found = [getattr(m, name) for m in modules]
     for m in modules:
         setattr(m, name, value)
     try:
         yield model
     finally:
-        for m in modules:
-            setattr(m, name, restored)
+        for m, old in zip(modules, found):
+            setattr(m, name, old)
 
 
 def adapters_off(model):  # the teacher: the frozen base model, through the same weights
-    return lora_setting(model, "enabled", False, True)
-
-
-# Both roles in one batch: adapter_rows (B, 1, 1) is 1 on the student's rows and 0 on the teacher's. A small
-# batch's forward costs what reading the weights costs, so two roles sampled together cost about one alone.
-def adapters_on_rows(model, adapter_rows):
-    return lora_setting(model, "adapter_rows", adapter_rows, None)
+    return lora_setting(model, "enabled", False)
 
 
 def peft_tensors(model):
-    """PEFT adapter key -> the tensor of ours that holds it: a B, or the rows of a stacked A."""
+    """PEFT adapter key -> the tensor of ours that holds it: a B, or a part's r rows of a stacked A."""
     tensors = {}
     for name, m in lora_modules(model):
         for (part, _), lora_A, lora_B in zip(m.adapted, m.lora_A.split(m.rank), m.lora_B):
@@ -427,6 +425,11 @@ def load_lora(model, path):
 # and values sit at the slot of its position, so each row is laid out as if it ran alone. A decode step attends
 # the first W slots, W rounded up to WINDOW: it skips the cache's unwritten tail and has one of a few shapes.
 WINDOW = 256
+
+
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
 
 # Sampling noise is counter-based, so a row draws the same noise whatever shares its batch: the Exp(1) draw for
 # token v at position t is splitmix64 output number t * V + v + 1 from the row's key. Torch's int64 arithmetic
@@ -549,8 +552,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         raise ValueError(f"generate: adapters needs one bool per prompt ({n_prompts}), got {len(adapters)}")
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
-    if seed is None:
-        seed = int(torch.randint(2**62, ()))
+    seed = int(torch.randint(2**62, ())) if seed is None else seed
     prompt_seeds = child_seeds(seed, n_prompts) if isinstance(seed, int) else list(seed)
     if len(prompt_seeds) != n_prompts:
         raise ValueError(f"generate: seed must be one number, or one per prompt ({n_prompts}); got {len(prompt_seeds)}")
@@ -559,7 +561,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
                            device=device)  # (B,)
     row_prompt = torch.repeat_interleave(torch.arange(n_prompts), torch.tensor(samples)).to(device)  # (B,)
     lengths, longest = torch.tensor([len(p) for p in prompts], device=device), max(len(p) for p in prompts)
-    n_rows, n_slots = sum(samples), -(-(longest + max_new_tokens) // WINDOW) * WINDOW
+    n_rows, n_slots = sum(samples), round_up(longest + max_new_tokens, WINDOW)
+    # both roles in one batch, the LoRA on the student's rows only: a small batch's forward costs what reading the
+    # weights costs, so two roles sampled together cost about one alone
     adapter_rows = None if adapters is None else torch.tensor(adapters, dtype=dtype, device=device)[:, None, None]
 
     # the prefill: each prompt once, right-padded, into the first rows; then copied to the rows of its samples
@@ -568,7 +572,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
         input_ids[i, :len(prompt)] = torch.tensor(prompt)
     caches = kv_caches(model.config, n_rows, n_slots + 1, dtype, device)  # + 1: no window spans the whole cache
     position = torch.arange(longest, device=device).expand(n_prompts, longest)
-    with adapters_on_rows(model, adapter_rows):
+    with lora_setting(model, "adapter_rows", adapter_rows):
         hidden = model(input_ids.to(device), position, [(k[:n_prompts], v[:n_prompts]) for k, v in caches])
     logits = model.logits(hidden[torch.arange(n_prompts, device=device), lengths - 1]).float()  # (prompts, V)
     for tensor in (t for cache in caches for t in cache):
@@ -581,13 +585,13 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     done = torch.zeros(n_rows, dtype=torch.bool, device=device)
     step = compiled_decode_step(device.type) if compile else decode_step
-    with adapters_on_rows(model, None if adapter_rows is None else adapter_rows[row_prompt]):
+    with lora_setting(model, "adapter_rows", None if adapter_rows is None else adapter_rows[row_prompt]):
         for t in range(max_new_tokens):
             new_tokens[:, t] = token.masked_fill(done, -1)  # -1 after a row's EOS
             done |= torch.isin(token, eos)
             if t + 1 == max_new_tokens or (t % 32 == 31 and bool(done.all())):  # a host sync only every 32 steps
                 break
-            window = -(-(longest + t + 1) // WINDOW) * WINDOW  # covers every slot written so far, at most n_slots
+            window = round_up(longest + t + 1, WINDOW)  # covers every slot written so far, at most n_slots
             # a clone: on a GPU the step's output lives in the CUDA graph's memory, which its next replay reuses
             token = step(model, caches, token[:, None], position, row_key, window, temperature, top_k, top_p).clone()
             position = position + 1

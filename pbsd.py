@@ -26,10 +26,11 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -154,79 +155,117 @@ def _validate(config):
                           f"got {config.n_student}")
 
 
+# ---- a micro-batch's responses and their scores. Every response is scored twice, on its own tokens:
+#
+#                                          after the student prompt x    after the teacher prompt (x, c)
+#                                          LoRA on, with gradient        LoRA off, no gradient
+#   student rollout y- ~ pi_theta(. | x)   log pi_theta(y- | x)          log pi_T(y- | x, c)
+#   teacher rollout y+ ~ pi_T(. | x, c)    log pi_theta(y+ | x)          log pi_T(y+ | x, c)
+#
+# PBSD pairs each teacher rollout of a prompt with each student rollout of the same prompt. OPSD, OPSD-sampled and
+# GRPO sample student rollouts only; SFT's response is the reference solution, scored after the student prompt alone.
+
+
+class Response(NamedTuple):
+    position: int  # its prompt's place in the step's global batch, which names the prompt
+    example_index: int  # the training example that prompt asks
+    role: str  # who wrote it: "student" (y-), "teacher" (y+) or "reference" (SFT's target)
+    tokens: list  # its token ids, ending in the EOS that stopped it if one did
+    finished: bool  # ended by an EOS, not cut at max_new_tokens
+    reward: float = 0.0  # r(x, y) in [0, 1]; a reference is not graded
+
+
+@dataclass
+class Scores:
+    """A micro-batch's responses scored as the grid above shows, per token (N,), the responses' tokens in order."""
+    responses: list  # (R,) Response
+    token_response: torch.Tensor  # (N,) the response each token belongs to
+    student_logp: torch.Tensor  # (N,) log pi_theta(y_t | x, y_<t)
+    student_entropy: torch.Tensor = None  # (N,) of pi_theta's next-token distribution, without gradient
+    student_hidden: torch.Tensor = None  # (N, D) the final hidden states that predict each token after x
+    teacher_logp: torch.Tensor = None  # (N,) log pi_T(y_t | x, c, y_<t), without gradient
+    teacher_hidden: torch.Tensor = None  # (N, D) the same after (x, c)
+    head_weight: torch.Tensor = None  # (V, D) the output head both read through
+
+    def sums(self, token_values):
+        """(N,) -> (R,): each response's sum over its tokens."""
+        sums = torch.zeros(len(self.responses), dtype=token_values.dtype, device=token_values.device)
+        return sums.index_add_(0, self.token_response, token_values)
+
+    def per_response(self, values):
+        """R numbers, one a response (rewards, lengths) -> (R,), beside the scores."""
+        return torch.tensor(values, dtype=self.student_logp.dtype, device=self.student_logp.device)
+
+
 # ---- the objectives. Each returns the sum of its terms over a micro-batch (PBSD's pairs, or tokens); the step
 # divides by the step's count of terms, so micro-batches and ranks add up to the step's mean.
 
 
-def pbsd_pairs(n_prompts, n_teacher, n_student):
-    """Indices (plus, minus) of every (teacher sample, student sample) pair of each prompt into the responses laid out
-    as the student's n_prompts x n_student, then the teacher's n_prompts x n_teacher, each prompt's together."""
-    p, t, s = torch.meshgrid(torch.arange(n_prompts), torch.arange(n_teacher), torch.arange(n_student), indexing="ij")
-    return (n_prompts * n_student + p * n_teacher + t).flatten(), (p * n_student + s).flatten()
-
-
-def pbsd_objective(student_sums, teacher_sums, rewards, lengths, n_prompts, config, stats):
-    """PBSD: per response, log pi_theta and log pi_T summed over its tokens, its reward and length (R,), laid out as
-    pbsd_pairs reads them; the logistic loss on each pair's margin beta (s(y+) - s(y-)), s = log pi_theta / pi_T."""
+def pbsd_objective(scores, config, stats):
+    """PBSD: the logistic loss on each pair's margin beta (s(y+) - s(y-)), s(y) = log pi_theta(y | x) - log pi_T(y | x,
+    c) summed over y's tokens (and divided by their count with length_norm)."""
+    responses = scores.responses
+    pairs = [(i, j) for i, y_plus in enumerate(responses) if y_plus.role == "teacher" for j, y_minus in
+             enumerate(responses) if y_minus.role == "student" and y_minus.position == y_plus.position]
+    plus, minus = (list(indices) for indices in zip(*pairs))  # (P,) each: the pairs' y+ and y-
+    student, teacher = scores.sums(scores.student_logp), scores.sums(scores.teacher_logp)  # (R,) each
     if config.length_norm:
-        student_sums, teacher_sums = student_sums / lengths, teacher_sums / lengths
-    plus, minus = (i.to(rewards.device) for i in pbsd_pairs(n_prompts, config.n_teacher, config.n_student))
-    loss, margin, label = loss_kernels.pbsd_loss(student_sums[plus], teacher_sums[plus], student_sums[minus],
-                                            teacher_sums[minus], rewards[plus], rewards[minus], beta=config.beta,
-                                            label=config.pbsd_label)
+        lengths = scores.per_response([len(r.tokens) for r in responses])
+        student, teacher = student / lengths, teacher / lengths
+    rewards = scores.per_response([r.reward for r in responses])
+    loss, margin, label = loss_kernels.pbsd_loss(student[plus], teacher[plus], student[minus], teacher[minus],
+                                                 rewards[plus], rewards[minus], beta=config.beta,
+                                                 label=config.pbsd_label)
     stats.add("margin", margin.tolist())
     stats.add("label", label.tolist())
     return loss.sum()
 
 
-def opsd_objective(student_hidden, teacher_hidden, head_weight, config):
+def opsd_objective(scores, config, stats):
     """OPSD: per token of the student's rollouts, the generalized JSD of the teacher's and the student's next-token
     distributions over the full vocabulary, clipped at jsd_token_clip if set."""
-    divergence = loss_kernels.gjs_divergence(student_hidden, teacher_hidden, head_weight, beta=config.beta_jsd,
-                                        temperature=config.temperature)  # (N,)
+    divergence = loss_kernels.gjs_divergence(scores.student_hidden, scores.teacher_hidden, scores.head_weight,
+                                             beta=config.beta_jsd, temperature=config.temperature)  # (N,)
     return (divergence.clamp(max=config.jsd_token_clip) if config.jsd_token_clip > 0 else divergence).sum()
 
 
-def opsd_sampled_objective(student_logp, teacher_logp):
+def opsd_sampled_objective(scores, config, stats):
     """OPSD on the sampled tokens: a reverse-KL policy gradient, advantage log p_T(y_t) - log p_S(y_t) (detached)."""
-    return -((teacher_logp - student_logp).detach() * student_logp).sum()
+    return -((scores.teacher_logp - scores.student_logp).detach() * scores.student_logp).sum()
 
 
-def sft_objective(student_logp):
+def sft_objective(scores, config, stats):
     """SFT: the negative log-likelihood of the reference solution's tokens after the student prompt."""
-    return -student_logp.sum()
+    return -scores.student_logp.sum()
 
 
-def grpo_objective(student_logp, rows, rewards, n_student):
-    """GRPO, no teacher: a rollout's advantage compares its reward with its group's (the prompt's n_student
-    rollouts), A = (r - mean) / (std + 1e-4), in the token-level policy gradient -A log pi_theta(y_t). One update per
-    batch of rollouts, so the importance ratio pi_theta / pi_old is 1 and needs no clipping."""
-    groups = rewards.view(-1, n_student)  # (P, n)
+def grpo_objective(scores, config, stats):
+    """GRPO, no teacher: a rollout's advantage compares its reward with its group's (the prompt's n_student rollouts,
+    which sit together), A = (r - mean) / (std + 1e-4), in the token-level policy gradient -A log pi_theta(y_t). One
+    update per batch of rollouts, so the importance ratio pi_theta / pi_old is 1 and needs no clipping."""
+    groups = scores.per_response([r.reward for r in scores.responses]).view(-1, config.n_student)  # (P, n)
     advantage = (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + 1e-4)  # (P, n)
-    return -(advantage.flatten()[rows] * student_logp).sum()
+    return -(advantage.flatten()[scores.token_response] * scores.student_logp).sum()
 
 
-# ---- scoring: teacher and student on the same response tokens
+OBJECTIVES = {"pbsd": pbsd_objective, "opsd": opsd_objective, "opsd_sampled": opsd_sampled_objective,
+              "sft": sft_objective, "grpo": grpo_objective}
 
 
 def response_hidden(model, prompts, responses):
     """Runs each prompt + response, right-padded into one batch, and returns the final hidden states at the positions
-    that predict response tokens (N, D), those tokens (N,) and the row each belongs to (N,), in row order. Token j of a
-    response is predicted at position len(prompt) - 1 + j."""
+    that predict response tokens (N, D), those tokens (N,) and the response each belongs to (N,), in order. Token j of
+    a response is predicted at position len(prompt) - 1 + j."""
     device = model.embed_tokens.weight.device
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     input_ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        input_ids[row, :lengths[row]] = torch.tensor(prompt + response)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[i, :lengths[i]] = torch.tensor(prompt + response)
     hidden = model(input_ids.to(device))  # (B, L, D); causal, so right padding never reaches a real token
-    hidden = torch.cat([hidden[row, len(p) - 1:lengths[row] - 1] for row, p in enumerate(prompts)])  # (N, D)
+    hidden = torch.cat([hidden[i, len(p) - 1:lengths[i] - 1] for i, p in enumerate(prompts)])  # (N, D)
     as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
-    rows = [row for row, response in enumerate(responses) for _ in response]
-    return hidden, as_tensor([t for response in responses for t in response]), as_tensor(rows)
-
-
-def sequence_sums(token_values, rows, n_rows):
-    return torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add_(0, rows, token_values)
+    token_response = [i for i, response in enumerate(responses) for _ in response]
+    return hidden, as_tensor([t for response in responses for t in response]), as_tensor(token_response)
 
 
 def rollout_seed(seed, step, position, role):
@@ -321,119 +360,100 @@ class Trainer:
     # -- the step: rollouts, then scoring, loss and backward micro-batch by micro-batch
 
     def sample(self, step, batch, stats):
-        """The student's rollouts (LoRA on, n_student per prompt) of the rank's prompts and, for PBSD, the teacher's
-        (LoRA off, n_teacher per prompt), both roles in one sampler call per rollout_batch_size prompts: a decode step
-        reads the weights once for all its rows. Returns role -> per prompt its Rollouts, and their rewards."""
+        """The rank's rollouts for the step, graded: the student's (LoRA on, n_student a prompt) and, for PBSD, the
+        teacher's (LoRA off, n_teacher a prompt), both roles in one sampler call per rollout_batch_size prompts: a
+        decode step reads the weights once for all its rows. Returns them as Responses, a call's in its order."""
         config, timer = self.config, time.time()
         roles = ("student", "teacher") if config.loss == "pbsd" else ("student",)
         counts = {"student": config.n_student, "teacher": config.n_teacher}
         prompts = {"student": self.student_prompts, "teacher": self.teacher_prompts}
-        rollouts = {role: [] for role in roles}
+        sampled = []  # (position, example index, role, Rollout)
         chunk = config.rollout_batch_size or len(batch)
         for start in range(0, len(batch), chunk):
-            requests = [(role, position, i) for role in roles for position, i in batch[start:start + chunk]]
-            sampled = iter(qwen3.generate(
-                self.model, [prompts[role][i] for role, _, i in requests], config.max_new_tokens,
+            requests = [(position, i, role) for role in roles for position, i in batch[start:start + chunk]]
+            rollouts = iter(qwen3.generate(
+                self.model, [prompts[role][i] for _, i, role in requests], config.max_new_tokens,
                 temperature=config.temperature, top_p=config.top_p, eos_ids=self.tokenizer.eos_ids,
-                seed=[rollout_seed(config.seed, step, position, roles.index(role)) for role, position, _ in requests],
-                num_samples=[counts[role] for role, _, _ in requests],
-                adapters=[role == "student" for role, _, _ in requests], compile=config.compile))
-            for role, _, _ in requests:
-                rollouts[role].append([next(sampled) for _ in range(counts[role])])
+                seed=[rollout_seed(config.seed, step, position, roles.index(role)) for position, _, role in requests],
+                num_samples=[counts[role] for *_, role in requests],
+                adapters=[role == "student" for *_, role in requests], compile=config.compile))
+            sampled += [(*request, next(rollouts)) for request in requests for _ in range(counts[request[2]])]
         stats.add("generation_seconds", [time.time() - timer])
-        rewards = {}
+        texts = [self.tokenizer.decode(rollout.tokens) for *_, rollout in sampled]
+        responses = [Response(position, i, role, *rollout, data.reward(self.train_examples[i], text))
+                     for (position, i, role, rollout), text in zip(sampled, texts)]
         for role in roles:
-            flat = [r for per_prompt in rollouts[role] for r in per_prompt]
-            texts = [[self.tokenizer.decode(r.tokens) for r in per_prompt] for per_prompt in rollouts[role]]
-            rewards[role] = [[data.reward(self.train_examples[i], text) for text in per_prompt]
-                             for (_, i), per_prompt in zip(batch, texts)]
-            stats.add("rollout_tokens", [len(r.tokens) for r in flat])
-            stats.add(f"{role}_reward", sum(rewards[role], []))
-            stats.add(f"{role}_length", [len(r.tokens) for r in flat])
-            stats.add(f"{role}_truncated", [not r.finished for r in flat])
-            if role == "student":
-                stats.add_ratio("uncertainty_per_1k", evaluation.uncertainty_count(sum(texts, [])),
-                                sum(len(r.tokens) for r in flat) / 1000)
-        return rollouts, rewards
+            mine = [r for r in responses if r.role == role]
+            stats.add("rollout_tokens", [len(r.tokens) for r in mine])
+            stats.add(f"{role}_reward", [r.reward for r in mine])
+            stats.add(f"{role}_length", [len(r.tokens) for r in mine])
+            stats.add(f"{role}_truncated", [not r.finished for r in mine])
+        student_texts = [text for text, r in zip(texts, responses) if r.role == "student"]
+        stats.add_ratio("uncertainty_per_1k", evaluation.uncertainty_count(student_texts),
+                        sum(len(r.tokens) for r in responses if r.role == "student") / 1000)
+        return responses
 
-    def score(self, prompts, responses, teacher):
-        """Per-token log-probs and entropies of the responses after the prompts (N,), each token's row (N,), and the
-        hidden states (N, D): the student with gradient, or the teacher (LoRA off) without."""
-        without_grad = torch.no_grad() if teacher else nullcontext()
-        lora_off = qwen3.adapters_off(self.model) if teacher else nullcontext()
-        with without_grad, lora_off:
-            hidden, targets, rows = response_hidden(self.model, prompts, responses)
-            logp, entropy = loss_kernels.token_logprobs(hidden, self.model.lm_head_weight, targets,
-                                                   temperature=self.config.temperature, with_entropy=True)
-        return logp, entropy, rows, hidden
+    def score(self, responses):
+        """The responses scored as the grid at the top of the file shows: after the student prompt with the LoRA on
+        and gradient, and (for the objectives that read the teacher) after the teacher prompt with it off."""
+        model, temperature, tokens = self.model, self.config.temperature, [r.tokens for r in responses]
+        hidden, targets, token_response = response_hidden(
+            model, [self.student_prompts[r.example_index] for r in responses], tokens)
+        logp, entropy = loss_kernels.token_logprobs(hidden, model.lm_head_weight, targets, temperature=temperature,
+                                                    with_entropy=True)
+        scores = Scores(responses, token_response, logp, entropy, hidden, head_weight=model.lm_head_weight)
+        if self.teacher_prompts:
+            with torch.no_grad(), qwen3.adapters_off(model):
+                hidden, _, _ = response_hidden(model, [self.teacher_prompts[r.example_index] for r in responses],
+                                               tokens)
+                scores.teacher_logp = loss_kernels.token_logprobs(hidden, model.lm_head_weight, targets,
+                                                                  temperature=temperature)
+                scores.teacher_hidden = hidden
+        return scores
 
-    def micro_step(self, indices, rollouts, rewards, normalizer, stats):
-        """The micro-batch's share of the step's loss, backpropagated: its objective's sum over normalizer, the step's
-        count of terms per rank. indices: its examples; rollouts and rewards: role -> theirs, flat, the samples of a
-        prompt next to each other, in prompt order (empty for SFT)."""
+    def micro_step(self, responses, normalizer, stats):
+        """A micro-batch's share of the step's loss, backpropagated: its objective's sum over normalizer, the step's
+        count of terms per rank. Returns that share."""
         config, timer = self.config, time.time()
-        counts = {"student": config.n_student, "teacher": config.n_teacher}
-        # the responses scored: SFT's references, or the student's rollouts then (PBSD) the teacher's
-        responses = ([self.references[i] for i in indices] if config.loss == "sft" else
-                     [r.tokens for rows in rollouts.values() for r in rows])
-        examples = indices if config.loss == "sft" else [i for role in rollouts for i in indices
-                                                         for _ in range(counts[role])]
-        student_logp, entropy, rows, student_hidden = self.score([self.student_prompts[i] for i in examples],
-                                                                 responses, teacher=False)
-        on_student = rows < len(rollouts.get("student", ()))  # the tokens of the student's own rollouts
-        if config.loss != "sft":
-            stats.add_ratio("student_entropy", entropy[on_student].sum().item(), on_student.sum().item())
-        if self.teacher_prompts:  # the teacher scores the same responses after its own prompt
-            teacher_logp, _, _, teacher_hidden = self.score([self.teacher_prompts[i] for i in examples], responses,
-                                                            teacher=True)
+        scores = self.score(responses)
+        is_student = torch.tensor([r.role == "student" for r in responses], device=scores.token_response.device)
+        on_student = is_student[scores.token_response]  # (N,): the tokens of the student's own rollouts
+        if on_student.any():
+            stats.add_ratio("student_entropy", scores.student_entropy[on_student].sum().item(), on_student.sum().item())
+        if scores.teacher_logp is not None and on_student.any():
             # the k1 estimate of KL(student || teacher) per token along the student's rollouts
-            stats.add_ratio("kl_estimate", (student_logp - teacher_logp)[on_student].sum().item(),
+            stats.add_ratio("kl_estimate", (scores.student_logp - scores.teacher_logp)[on_student].sum().item(),
                             on_student.sum().item())
-        as_tensor = lambda x: torch.tensor(x, dtype=student_logp.dtype, device=rows.device)
         if config.loss == "sft":
-            loss = sft_objective(student_logp)
-            stats.add("response_length", [len(r) for r in responses])
-        elif config.loss == "grpo":
-            loss = grpo_objective(student_logp, rows, as_tensor(rewards["student"]), config.n_student)
-        elif config.loss == "pbsd":
-            sums = [sequence_sums(logp, rows, len(responses)) for logp in (student_logp, teacher_logp)]
-            loss = pbsd_objective(*sums, as_tensor(rewards["student"] + rewards["teacher"]),
-                                  as_tensor([len(r) for r in responses]), len(indices), config, stats)
-        elif config.loss == "opsd":
-            loss = opsd_objective(student_hidden, teacher_hidden, self.model.lm_head_weight, config)
-        else:
-            loss = opsd_sampled_objective(student_logp, teacher_logp)
-        loss = loss / normalizer
+            stats.add("response_length", [len(r.tokens) for r in responses])
+        loss = OBJECTIVES[config.loss](scores, config, stats) / normalizer
         loss.backward()
         stats.add("train_seconds", [time.time() - timer])
         return loss.item()
 
     def accumulate(self, step, stats):
-        """Samples this rank's rollouts for the step, then scores and backpropagates them micro-batch by micro-batch.
-        Returns the rank's share of the step's loss (their mean over ranks is the step's loss)."""
+        """Samples this rank's rollouts for the step (SFT: takes its references), then scores and backpropagates them
+        micro-batch by micro-batch. Returns the rank's share of the step's loss (the ranks' mean is the step's)."""
         config, batch = self.config, self.rank_batch(step)
         if config.loss == "sft":
-            rollouts, rewards = {}, {}
-            terms = sum(len(self.references[i]) for _, i in batch)
+            responses = [Response(position, i, "reference", self.references[i], True) for position, i in batch]
         else:
             per_call = min(config.rollout_batch_size or len(batch), len(batch))
             with self.out_of_memory_advice(f"step {step + 1}, sampling", f"sample fewer prompts per call with "
                                            f"--rollout_batch_size (now {per_call} of this rank's {len(batch)}), or "
                                            f"fewer --max_new_tokens"):
-                rollouts, rewards = self.sample(step, batch, stats)
-            terms = (len(batch) * config.n_teacher * config.n_student if config.loss == "pbsd" else
-                     sum(len(r.tokens) for per_prompt in rollouts["student"] for r in per_prompt))
-        # the mean over the whole step's terms: ranks average their gradients, so each divides by the mean count
-        normalizer = self.all_reduce(terms) / self.world
+                responses = self.sample(step, batch, stats)
+        # the terms the step's loss averages: PBSD's pairs, or the tokens of the responses
+        terms = (len(batch) * config.n_teacher * config.n_student if config.loss == "pbsd" else
+                 sum(len(r.tokens) for r in responses))
+        normalizer = self.all_reduce(terms) / self.world  # ranks average their gradients: each divides by the mean
         loss = 0.0
         with self.out_of_memory_advice(f"step {step + 1}, training", f"lower --micro_batch_size (now "
                                        f"{config.micro_batch_size})" + ", or turn --gradient_checkpointing on" *
                                        (not config.gradient_checkpointing)):
             for first in range(0, len(batch), config.micro_batch_size):
-                last = first + config.micro_batch_size
-                pick = lambda per_role: {role: sum(per_prompt[first:last], []) for role, per_prompt in per_role.items()}
-                loss += self.micro_step([i for _, i in batch[first:last]], pick(rollouts), pick(rewards), normalizer,
-                                        stats)
+                positions = {position for position, _ in batch[first:first + config.micro_batch_size]}
+                loss += self.micro_step([r for r in responses if r.position in positions], normalizer, stats)
         return loss
 
     @contextmanager
@@ -522,8 +542,8 @@ class Trainer:
                       seed=config.seed + 12345, compile=config.compile, show_progress=False)
         self.model.eval()
         advice = (f"the evaluation's KV cache is what to lower: a call samples --micro_batch_size x --eval_k = "
-                  f"{kwargs['batch_size']} rows of up to {kwargs['max_new_tokens']} new tokens; lower --micro_batch_size "
-                  f"or --eval_max_new_tokens")
+                  f"{kwargs['batch_size']} rows of up to {kwargs['max_new_tokens']} new tokens; lower "
+                  f"--micro_batch_size or --eval_max_new_tokens")
         with self.out_of_memory_advice(f"evaluation at step {self.step}", advice):
             student = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
                                                        template=config.student_template or None, **kwargs)

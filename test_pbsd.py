@@ -143,6 +143,8 @@ def test_lora_identity_grads_teacher_roundtrip_and_merged_save(tiny, tmp_path):
     student_logits = model.logits(model(ids)).detach()
     assert (student_logits - base_logits).abs().max() > 1e-3
     with M.adapters_off(model):
+        with M.adapters_off(model):  # nested: leaving the inner one restores what the outer one set
+            pass
         assert torch.equal(model.logits(model(ids)), base_logits)
     assert torch.equal(model.logits(model(ids)), student_logits)
 
@@ -1179,7 +1181,8 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
                                              str(tmp_path / "adapter")).eval()
     batch = trainer.rank_batch(0)
     if loss != "sft":  # the seeds follow from the step and the positions: the loop will sample these again
-        rollouts, rewards = trainer.sample(0, batch, E.Stats())
+        responses = trainer.sample(0, batch, E.Stats())
+        of = lambda k, role: [r for r in responses if r.position == batch[k][0] and r.role == role]
     trainer.train()
     logged = json.loads(open(tmp_path / "metrics.jsonl").readline())["loss"]
 
@@ -1202,10 +1205,10 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
             return s / len(y) if options.get("length_norm") else s
         pair_losses = []
         for k in range(len(batch)):
-            for plus, reward_plus in zip(rollouts["teacher"][k], rewards["teacher"][k]):
-                for minus, reward_minus in zip(rollouts["student"][k], rewards["student"][k]):
+            for plus in of(k, "teacher"):
+                for minus in of(k, "student"):
                     margin = beta * (score(k, plus.tokens) - score(k, minus.tokens))
-                    z = (torch.sigmoid(torch.tensor(reward_plus - reward_minus, dtype=torch.float64))
+                    z = (torch.sigmoid(torch.tensor(plus.reward - minus.reward, dtype=torch.float64))
                          if options["pbsd_label"] == "reward" else torch.tensor(1.0, dtype=torch.float64))
                     pair_losses.append(-(z * F.logsigmoid(margin) + (1 - z) * F.logsigmoid(-margin)))
         assert len(pair_losses) == 16
@@ -1213,17 +1216,17 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
     elif loss == "grpo":  # each rollout's reward against its prompt's two, over the group's (unbiased) std
         per_token = []
         for k in range(len(batch)):
-            group = torch.tensor(rewards["student"][k], dtype=torch.float64)
+            group = torch.tensor([r.reward for r in of(k, "student")], dtype=torch.float64)
             advantages = (group - group.mean()) / (group.std() + 1e-4)
-            for rollout, advantage in zip(rollouts["student"][k], advantages):
+            for rollout, advantage in zip(of(k, "student"), advantages):
                 per_token.append(-advantage * picked(logp(student, student_prompts[k], rollout.tokens), rollout.tokens))
-        assert any(len(set(r)) > 1 for r in rewards["student"])  # a group whose rewards differ
+        assert any(len({r.reward for r in of(k, "student")}) > 1 for k in range(4))  # a group whose rewards differ
         expected = torch.cat(per_token).mean()
     else:
         b, clip = options.get("beta_jsd", 0.5), options.get("jsd_token_clip", 0)
         per_token, unclipped = [], []
         for k in range(len(batch)):
-            for rollout in rollouts["student"][k]:
+            for rollout in of(k, "student"):
                 S = logp(student, student_prompts[k], rollout.tokens)
                 T = logp(teacher, teacher_prompts[k], rollout.tokens)
                 if loss == "opsd":  # JSD_b from the probabilities: b KL(T || M) + (1 - b) KL(S || M), clipped
@@ -1256,7 +1259,9 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
     prompts = trainer.teacher_prompts[:3]
     responses = [tokenizer.encode(e.solution) + tokenizer.encode(data.IM_END) for e in trainer.train_examples[:3]]
     assert len({len(p) + len(r) for p, r in zip(prompts, responses)}) > 1  # the batch pads its shorter rows
-    logp, _, rows, _ = trainer.score(prompts, responses, teacher=True)
+    scored = [pbsd.Response(i, i, "reference", response, True) for i, response in enumerate(responses)]
+    scores = trainer.score(scored)
+    logp, rows = scores.teacher_logp, scores.token_response
     expected = []
     for prompt, response in zip(prompts, responses):
         logits = hf(torch.tensor([prompt + response])).logits[0] / 0.8
@@ -1266,8 +1271,7 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
     assert rows.tolist() == [r for r, response in enumerate(responses) for _ in response]
     gradients = []
     for batches in ([range(3)], [[0], [1], [2]]):
-        student_logp = torch.cat([trainer.score([prompts[i] for i in batch], [responses[i] for i in batch],
-                                                teacher=False)[0] for batch in batches])
+        student_logp = torch.cat([trainer.score([scored[i] for i in batch]).student_logp for batch in batches])
         (student_logp * torch.linspace(-1, 1, len(student_logp))).sum().backward()
         gradients.append([p.grad.clone() for p in trainer.lora_params])
         trainer.model.zero_grad()
@@ -1278,8 +1282,11 @@ def test_teacher_logprobs_align_with_transformers(tiny_with_tokenizer, train_fil
 
 def test_grpo_objective_against_its_closed_form():
     logp = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5], dtype=torch.float64, requires_grad=True)
-    rows = torch.tensor([0, 0, 1, 2, 3])  # tokens of rollouts 0 and 1 (prompt 0's group), 2 and 3 (prompt 1's)
-    loss = pbsd.grpo_objective(logp, rows, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64), n_student=2)
+    # tokens of rollouts 0 and 1 (prompt 0's group), 2 and 3 (prompt 1's)
+    responses = [pbsd.Response(p, p, "student", [0] * n, True, reward)
+                 for p, n, reward in ((0, 2, 1.0), (0, 1, 0.0), (1, 1, 1.0), (1, 1, 1.0))]
+    scores = pbsd.Scores(responses, torch.tensor([0, 0, 1, 2, 3]), logp)
+    loss = pbsd.grpo_objective(scores, pbsd.Config(n_student=2), E.Stats())
     a = 0.5 / (math.sqrt(0.5) + 1e-4)  # group 0: mean 0.5, unbiased std sqrt(0.5); group 1's rewards are equal
     assert loss.item() == pytest.approx(-(a * -1.0 + a * -2.0 - a * -0.5))
     loss.backward()
@@ -1324,14 +1331,14 @@ def test_a_step_at_the_defaults_bf16_compiled_against_fp32_eager(tiny_with_token
                 p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
     bf16 = trainers["bfloat16"]
     batch = bf16.rank_batch(0)
-    compiled = bf16.sample(0, batch, E.Stats())[0]
+    compiled = bf16.sample(0, batch, E.Stats())
     bf16.config.compile = False
-    eager = bf16.sample(0, batch, E.Stats())[0]
+    eager = bf16.sample(0, batch, E.Stats())
     bf16.config.compile = True
     # compiled kernels round bf16 intermediates elsewhere than eager ones, which can flip a close draw (in fp32 the
     # two sample the same tokens: test_compiled_sampler_equals_eager_and_compiles_once)
-    rows = [(one == other) for role in eager for one, other in zip(sum(compiled[role], []), sum(eager[role], []))]
-    assert len(rows) == 16 and sum(rows) >= 14
+    same = [one == other for one, other in zip(compiled, eager, strict=True)]
+    assert len(same) == 16 and sum(same) >= 14
     rollouts = trainers["float32"].sample(0, batch, E.Stats())
     margins, labels, gradients, logged = {}, {}, {}, {}
     pbsd_loss = K.pbsd_loss

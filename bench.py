@@ -6,19 +6,16 @@ Benchmarks. On a GPU the shapes are Qwen3-1.7B's with random bf16 weights; on a 
     python bench.py kernels     # peak memory and time of the chunked loss kernels against full-logits versions
     python bench.py train       # one PBSD step: rollout tokens/s, trained tokens/s, MFU, generation vs training
     python bench.py memory      # one rank's memory at the defaults, computed from the 1.7B and 8B shapes
-    python bench.py toy         # the toy world: every objective, three seeds, same warm start and budget
-    python bench.py beta        # the toy world: PBSD at six values of beta, three seeds each
-    python bench.py wrong_references  # the toy world's objectives where half the reference solutions end wrong
+    python bench.py toy         # the toy protocol: every objective, a learning-rate sweep, three seeds, each world
 
-Results print as tables; `toy`, `beta` and `wrong_references` also write out/bench_{toy,beta,wrong}/results.json
-and comparison.png.
+Results print as tables; `toy` also writes out/bench_toy/results.json and its plots (a world each, and the sweep).
 """
 
 import dataclasses
 import json
 import math
 import os
-import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -176,7 +173,7 @@ def naive_token_logprobs(hidden, weight, targets):
 def naive_jsd(student_hidden, teacher_hidden, weight, beta=0.5):
     student_logp = (student_hidden @ weight.T).float().log_softmax(-1)
     teacher_logp = (teacher_hidden @ weight.T).float().log_softmax(-1)
-    mixture = torch.logaddexp(teacher_logp + torch.log(torch.tensor(beta)), student_logp + torch.log(torch.tensor(1 - beta)))
+    mixture = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1 - beta))
     return (beta * (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
             + (1 - beta) * (student_logp.exp() * (student_logp - mixture)).sum(-1))
 
@@ -349,7 +346,8 @@ def bench_memory(prompt_tokens=256, teacher_prompt_tokens=2048, ranks=8):
                                                                           config.max_new_tokens) * per_token
         eval_kv = config.micro_batch_size * config.eval_k * slots(prompt_tokens, config.max_new_tokens) * per_token
         # a micro-batch scores its prompts' responses (y- and y+) after the student prompt, with gradient
-        tokens = config.micro_batch_size * (config.n_student + config.n_teacher) * (prompt_tokens + config.max_new_tokens)
+        sequences = config.micro_batch_size * (config.n_student + config.n_teacher)
+        tokens = sequences * (prompt_tokens + config.max_new_tokens)
         D, I, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_key_value_heads"] * shape["head_dim"]
         heads = shape["num_attention_heads"] * shape["head_dim"]
         block = (5 * D + 2 * heads + 2 * kv + 3 * I) * 2  # bytes a token's block keeps for backward, bf16
@@ -437,139 +435,97 @@ def bench_gpu():
         sys.exit(f"[bench gpu] failed: {', '.join(failed)}")
 
 
-TOY_METHODS = [("PBSD (label reward)", ["--loss=pbsd", "--pbsd_label=reward"]),
-               ("PBSD (label teacher)", ["--loss=pbsd", "--pbsd_label=teacher"]),
-               ("OPSD (JSD, beta_jsd 0.5)", ["--loss=opsd"]),
-               ("OPSD-sampled", ["--loss=opsd_sampled"]),
-               ("SFT", ["--loss=sft"]),
-               ("GRPO (2 rollouts a prompt)", ["--loss=grpo", "--n_student=2"])]
-# beta scales the margin, m = beta (s(y+) - s(y-)): at the toy's 0.5 it starts saturated (about -3.4)
-TOY_BETAS = [(f"PBSD (label reward), beta {beta}", ["--loss=pbsd", f"--beta={beta}"])
-             for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)]
+# The toy protocol: every objective from its world's one warm start, with the same budget, the same learning-rate
+# sweep and the same seeds. Nothing is tuned outside it.
+TOY_OBJECTIVES = [("PBSD, label reward", ["--loss=pbsd", "--pbsd_label=reward"]),
+                  ("PBSD, label teacher (the paper's)", ["--loss=pbsd", "--pbsd_label=teacher"]),
+                  ("OPSD (JSD, beta_jsd 0.5)", ["--loss=opsd"]),
+                  ("GRPO (2 rollouts a prompt)", ["--loss=grpo", "--n_student=2"]),
+                  ("SFT on the reference", ["--loss=sft"])]
+TOY_LRS = (1e-4, 3e-4, 1e-3, 3e-3)  # about a factor of 3 apart
+TOY_SEEDS = (0, 1, 2)  # the sweep runs seed 0; the best rate then runs the others
+# where the reward-reweighted target lies above the teacher, the claim is tested over a longer budget too
+TOY_LONG = dict(worlds=("candidates", "mistakes"), steps=1000, objectives=TOY_OBJECTIVES[:3])
 
 
-def toy_greedy_accuracy(base, data_dir, adapter=None, role="student"):
-    """
-    eval.greedy_accuracy on the held-out problems in data_dir: the student with a run's adapter (none: the warm
-    start), or the teacher reading their reference solutions.
-    """
-    import data
-    import eval as evaluation
+def toy_run(world, base, args, lr, seed, steps, out_dir):
+    """A run's folder and command: the toy preset on the world's shared warm start, the objective's arguments last."""
     import pbsd
-    model = qwen3.load_qwen3(base, dtype=torch.float32)
-    if adapter:
-        qwen3.load_lora(model, adapter)
-    examples = data.load_examples(os.path.join(data_dir, "held_out.jsonl"))
-    return evaluation.greedy_accuracy(model, data.Tokenizer(base), examples, pbsd.parse_args([]), role)
+    name = "_".join(a.split("=")[1] for a in args if not a.startswith("--eval"))  # pbsd_reward, opsd, ...
+    run_dir = os.path.join(out_dir, world, f"{name}_lr{lr:g}_seed{seed}_steps{steps}")
+    command = [sys.executable, "pbsd.py", f"--out_dir={run_dir}", f"--model={base}",
+               f"--data={os.path.join(base, 'train.jsonl')}", f"--eval_data={os.path.join(base, 'held_out.jsonl')}",
+               *[f"--{k}={v}" for k, v in pbsd.TOY_WORLD.items() if k != "out_dir"], f"--toy_world={world}",
+               f"--lr={lr}", f"--seed={seed}", f"--steps={steps}", f"--eval_every={max(50, steps // 10)}", *args]
+    return run_dir, command
 
 
-def bench_toy(methods=TOY_METHODS, out_dir="out/bench_toy", seeds=(0, 1, 2), world_args=(), data_dir=None):
+def toy_history(run_dir, steps):
+    """A finished run's evaluations (None if it has not finished)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    history = [json.loads(line) for line in open(path) if '"eval_avg_at_k"' in line] if os.path.exists(path) else []
+    return history if history and history[-1]["step"] == steps else None
+
+
+def run_all(runs, workers):
+    """Runs the (run_dir, command, steps) not yet finished, `workers` at a time, each on one thread."""
+    waiting = [(run_dir, command) for run_dir, command, steps in runs if toy_history(run_dir, steps) is None]
+    running, start, done = [], time.time(), 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    while waiting or running:
+        while waiting and len(running) < workers:
+            run_dir, command = waiting.pop(0)
+            shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
+            os.makedirs(run_dir)
+            running.append((run_dir, subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                                      stderr=open(os.path.join(run_dir, "stderr.log"), "w"), env=env)))
+        time.sleep(2)
+        for run_dir, process in [r for r in running if r[1].poll() is not None]:
+            running.remove((run_dir, process))
+            if process.returncode:
+                sys.exit(f"[bench toy] {run_dir} failed; see its stderr.log")
+            done += 1
+            left = (time.time() - start) / done * (len(waiting) + len(running)) / 60
+            print(f"[bench toy] {done} runs done, {len(waiting) + len(running)} to go, about {left:.0f} min left: "
+                  f"{run_dir}", file=sys.stderr, flush=True)
+
+
+def bench_toy(worlds=("worked", "candidates", "mistakes"), out_dir="out/bench_toy", workers=2,
+              objectives=TOY_OBJECTIVES, lrs=TOY_LRS, seeds=TOY_SEEDS, steps=300, long=TOY_LONG, world_args=()):
     """
-    Each method from the same cached warm start (built from the toy preset and world_args), with the same steps,
-    batch and learning rate, on data_dir's train.jsonl and held_out.jsonl (None: the toy world's own). Each run's
-    evaluations (Avg@k at temperature 1, every eval_every steps) go to results.json, its first and last with the
-    greedy accuracy of the warm start and of its final adapter.
+    The protocol in each world: the world measured before any objective runs (student and teacher Avg@4 and greedy
+    accuracy, the reward-reweighted teacher's accuracy), then for every objective a learning-rate sweep on seed 0
+    whose best final Avg@4 picks its rate, the other seeds at that rate, and where the target lies above the teacher,
+    the longer budget at the same rates. A stopped protocol continues where it was. Writes out_dir/results.json,
+    a plot per world (<world>.png) and the sweep's (sweep.png).
     """
     import pbsd
-    os.makedirs(out_dir, exist_ok=True)
-    base_config = pbsd.parse_args([f"--out_dir={out_dir}", *world_args])
-    base = pbsd.build_toy_world(base_config)  # shared by every run below
-    data_dir = data_dir or base
-    greedy_before = toy_greedy_accuracy(base, data_dir)
-    teacher_greedy = toy_greedy_accuracy(base, data_dir, role="teacher")
-    results, start, runs = {}, time.time(), [(name, args, seed) for name, args in methods for seed in seeds]
-    for done, (name, args, seed) in enumerate(runs):
-        run_dir = os.path.join(out_dir, "_".join(a.split("=")[1] for a in args) + f"_seed{seed}")
-        # the method's arguments come last: they override the toy world's (beta among them)
-        command = [sys.executable, "pbsd.py", f"--out_dir={run_dir}", f"--model={base}",
-                   f"--data={os.path.join(data_dir, 'train.jsonl')}",
-                   f"--eval_data={os.path.join(data_dir, 'held_out.jsonl')}",
-                   f"--seed={seed}", *[f"--{k}={v}" for k, v in pbsd.TOY_WORLD.items() if k != "out_dir"], *args]
-        left = f", about {(time.time() - start) / done * (len(runs) - done) / 60:.0f} min left" if done else ""
-        print(f"[bench toy] run {done + 1}/{len(runs)}: {name}, seed {seed}{left}", file=sys.stderr, flush=True)
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        history = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
-                   if '"eval_avg_at_k"' in line]
-        last = os.path.join(run_dir, "checkpoints", f"step_{history[-1]['step']:06d}")
-        history[0]["greedy_accuracy"] = greedy_before
-        history[-1]["greedy_accuracy"] = toy_greedy_accuracy(base, data_dir, last)
-        history[0]["teacher_greedy_accuracy"] = teacher_greedy
-        results.setdefault(name, []).append(history)
-    json.dump(results, open(os.path.join(out_dir, "results.json"), "w"))
-    report_toy(results, out_dir)
-
-
-# Generated reference solutions are sometimes wrong where the data set's answer is right. Here half of them end in
-# a wrong result: a teacher that copies its reference is wrong on those prompts, and of the objectives only
-# PBSD's reward label can tell the student so. Its target, the teacher reweighted by exp(r / beta), is better
-# than the teacher only as far as beta lets it move (report_target_on_wrong_references measures how far).
-TOY_WRONG_SHARE = 0.5
-
-
-def with_wrong_references(examples, share, seed):
-    """The examples, a share of them with the result in their worked solution moved by 1 to 10 (the answer kept)."""
-    rng = random.Random(seed)
-    changed = []
-    for e in examples:
-        if rng.random() < share:
-            result = int(e.answer)
-            wrong = result + rng.choice([d for d in range(-10, 11) if d != 0 and result + d >= 0])
-            *lines, last = e.solution.split("\n")  # the last operation's line, then \boxed{result}
-            lines[-1] = lines[-1].rsplit("= ", 1)[0] + f"= {wrong}"
-            e = dataclasses.replace(e, solution="\n".join([*lines, f"\\boxed{{{wrong}}}"]))
-        changed.append(e)
-    return changed
-
-
-# beta bounds how far the target moves from the teacher: pi* / pi_T is at most exp(1 / beta) times larger on a
-# right answer than on a wrong one, and a teacher copying a wrong reference puts little mass on the right answer
-TOY_WRONG_METHODS = TOY_METHODS + [("PBSD (label reward), beta 0.05",
-                                    ["--loss=pbsd", "--pbsd_label=reward", "--beta=0.05"])]
-
-
-@torch.no_grad()
-def report_target_on_wrong_references(base, right, wrong):
-    """
-    How much of the PBSD target pi* is right where the teacher reads a wrong reference, against beta. On those
-    problems pi*(right) = P e^(1/beta) / (1 + (e^(1/beta) - 1) P), P = pi_T(a right response | x, c); P is at
-    least p, the teacher's probability of the correct worked solution, and pi*(right) grows with P, so p gives a
-    lower bound.
-    """
-    import data
-    import pbsd
-    model, tokenizer = qwen3.load_qwen3(base, dtype=torch.float32), data.Tokenizer(base)
-    pairs = [(r, w) for r, w in zip(right, wrong) if r.solution != w.solution]
-    prompts = [data.teacher_prompt(w, tokenizer, template=pbsd.TOY_WORLD["teacher_template"]) for _, w in pairs]
-    end_of_turn = tokenizer.encode(data.IM_END)
-    sums = {}
-    for name, solutions in (("right", [r.solution for r, _ in pairs]), ("wrong", [w.solution for _, w in pairs])):
-        hidden, targets, rows = pbsd.response_hidden(model, prompts, [tokenizer.encode(s) + end_of_turn
-                                                                         for s in solutions])
-        logp = loss_kernels.token_logprobs(hidden, model.lm_head_weight, targets)  # (N,)
-        sums[name] = torch.zeros(len(pairs)).index_add_(0, rows, logp).double()  # (P,) log pi_T of each solution
-    rows = []
-    for beta in (2.0, 1.0, 0.5, 0.25, 0.1, 0.05):
-        p, boost = sums["right"].exp(), math.exp(1 / beta)
-        target_right = p * boost / (1 + (boost - 1) * p)  # (P,)
-        rows.append([f"{beta}", f"{target_right.mean():.3f}", f"{target_right.median():.3f}"])
-    print_table(f"toy world, wrong references: the {len(pairs)} held-out problems whose reference is wrong; the "
-                f"teacher's log-probability of copying it, median {sums['wrong'].median():.2f}, of the correct "
-                f"worked solution {sums['right'].median():.1f}; pi*(right) at least", ["beta", "mean", "median"], rows)
-
-
-def bench_wrong_references(out_dir="out/bench_wrong", seeds=(0, 1), methods=TOY_WRONG_METHODS):
-    """The toy world's objectives where half the reference solutions (training and held-out) end wrong."""
-    import data
-    import pbsd
-    base = pbsd.build_toy_world(pbsd.parse_args([f"--out_dir={out_dir}"]))
-    data_dir = os.path.join(out_dir, "wrong_references")
-    os.makedirs(data_dir, exist_ok=True)
-    for seed, name in enumerate(("train.jsonl", "held_out.jsonl")):
-        right = data.load_examples(os.path.join(base, name))
-        wrong = with_wrong_references(right, TOY_WRONG_SHARE, seed)
-        data.write_examples(os.path.join(data_dir, name), wrong)
-    report_target_on_wrong_references(base, right, wrong)
-    bench_toy(methods, out_dir, seeds, data_dir=data_dir)
+    results = {}
+    for world in worlds:
+        config = pbsd.toy_world(pbsd.parse_args([f"--out_dir={out_dir}", f"--toy_world={world}", *world_args]))
+        trainer = pbsd.Trainer(config)
+        trainer.evaluate()
+        target, teacher_p = pbsd.toy_target_accuracy(trainer)
+        measured = {**trainer.history[0], "target_accuracy": target, "teacher_p_right": teacher_p}
+        sweep = {(name, lr): toy_run(world, config.model, args, lr, seeds[0], steps, out_dir)
+                 for name, args in objectives for lr in lrs}
+        run_all([(*sweep[key], steps) for key in sweep], workers)
+        final = lambda run: toy_history(run[0], steps)[-1]["eval_avg_at_k"]
+        chosen = {name: max(lrs, key=lambda lr: final(sweep[name, lr])) for name, _ in objectives}
+        budgets = [steps] + [long["steps"]] * (world in long["worlds"])
+        runs = {(name, budget, seed): toy_run(world, config.model, args, chosen[name], seed, budget, out_dir)
+                for budget in budgets for name, args in objectives
+                if budget == steps or name in dict(long["objectives"]) for seed in seeds}
+        run_all([(*run, budget) for (_, budget, _), run in runs.items()], workers)
+        results[world] = {"world": measured, "chosen_lr": chosen,
+                          "sweep": {f"{name} lr {lr:g}": toy_history(run[0], steps)
+                                    for (name, lr), run in sweep.items()},
+                          "runs": {f"{name}, {budget} steps": [toy_history(runs[name, budget, seed][0], budget)
+                                                               for seed in seeds]
+                                   for name, budget in dict.fromkeys((name, budget) for name, budget, _ in runs)}}
+        report_toy_world(world, results[world], lrs, out_dir)
+        json.dump(results, open(os.path.join(out_dir, "results.json"), "w"), indent=1)
+    report_sweep(results, lrs, out_dir)
 
 
 def spread(values):
@@ -577,49 +533,68 @@ def spread(values):
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def bench_toy_worlds(worlds=("worked", "candidates")):
-    """bench_toy in each toy world: every objective from the world's warm start, three seeds."""
-    for world in worlds:
-        bench_toy(out_dir=f"out/bench_toy_{world}", world_args=[f"--toy_world={world}"])
-        print(f"(world: {world}; what its teacher reads: data.toy_examples)")
-
-
-def report_toy(results, out_dir):
+def report_toy_world(world, result, lrs, out_dir):
+    """The world's measurement, its sweep and its runs at the chosen rates, as tables, and their curves as a plot."""
+    m = result["world"]
+    k = m["eval_k"]
+    print(f"\n[{world}] before any objective: student Avg@{k} {m['eval_avg_at_k']:.3f}, greedy "
+          f"{m['eval_greedy_accuracy']:.3f}; frozen teacher Avg@{k} {m['teacher_avg_at_k']:.3f}, greedy "
+          f"{m['teacher_greedy_accuracy']:.3f}, p(right) {m['teacher_p_right']:.3f}; reward-reweighted teacher "
+          f"{m['target_accuracy']:.3f}")
+    names = list(result["chosen_lr"])
+    print_table(f"{world}: the sweep, final held-out Avg@{k} on seed 0", ["objective", *[f"lr {lr:g}" for lr in lrs]],
+                [[name, *[f"{result['sweep'][f'{name} lr {lr:g}'][-1]['eval_avg_at_k']:.3f}" for lr in lrs]]
+                 for name in names])
     rows = []
-    for name, runs in results.items():
-        before = [run[0]["eval_avg_at_k"] for run in runs]
-        after = [run[-1]["eval_avg_at_k"] for run in runs]
-        gains = [a - b for a, b in zip(after, before)]
-        length = [run[-1]["eval_mean_length"] for run in runs]
-        greedy = [run[-1]["greedy_accuracy"] for run in runs]
-        rows.append([name, f"{statistics.mean(before):.3f}", f"{statistics.mean(after):.3f} ± {spread(after):.3f}",
-                     f"{statistics.mean(gains):+.3f} ± {spread(gains):.3f}", f"{statistics.mean(length):.1f}",
-                     f"{statistics.mean(greedy):.3f} ± {spread(greedy):.3f}"])
-    first = next(iter(results.values()))[0][0]
-    k = first["eval_k"]
-    print_table(f"toy world: held-out student Avg@{k}, mean ± std over {len(next(iter(results.values())))} seeds; "
-                f"greedy accuracy (one answer at temperature 0) {first['greedy_accuracy']:.3f} before, the teacher's "
-                f"{first['teacher_greedy_accuracy']:.3f}", ["method", "before", "after", "gain", "length after",
-                                                            "greedy after"], rows)
+    for label, runs in result["runs"].items():
+        name = label.rsplit(",", 1)[0]
+        last = lambda key: [run[-1][key] for run in runs]
+        gains = [run[-1]["eval_avg_at_k"] - run[0]["eval_avg_at_k"] for run in runs]
+        rows.append([label, f"{result['chosen_lr'][name]:g}", f"{statistics.mean(last('eval_avg_at_k')):.3f} ± "
+                     f"{spread(last('eval_avg_at_k')):.3f}", f"{statistics.mean(gains):+.3f} ± {spread(gains):.3f}",
+                     f"{statistics.mean(last('eval_greedy_accuracy')):.3f} ± "
+                     f"{spread(last('eval_greedy_accuracy')):.3f}",
+                     f"{statistics.mean(last('eval_mean_length')):.1f}"])
+    print_table(f"{world}: at each objective's rate, mean ± std over {len(runs)} seeds",
+                ["run", "lr", f"Avg@{k} after", "gain", "greedy after", "length after"], rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, runs in results.items():
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, (label, runs) in enumerate(result["runs"].items()):
         steps = [h["step"] for h in runs[0]]
-        values = [[run[i]["eval_avg_at_k"] for run in runs] for i in range(len(steps))]
-        mean = [statistics.mean(v) for v in values]
-        spreads = [spread(v) for v in values]
-        ax.plot(steps, mean, "o-", label=name)
-        ax.fill_between(steps, [m - s for m, s in zip(mean, spreads)], [m + s for m, s in zip(mean, spreads)], alpha=0.15)
-    teacher = first.get("teacher_avg_at_k")
-    if teacher is not None:
-        ax.axhline(teacher, color="gray", ls="--", label="frozen teacher (reads the solution)")
-    ax.set(xlabel="step", ylabel=f"held-out student Avg@{k}", title="toy world: same warm start, same budget")
-    ax.legend(fontsize=8)
+        values = [[run[j]["eval_avg_at_k"] for run in runs] for j in range(len(steps))]
+        mean, spreads = [statistics.mean(v) for v in values], [spread(v) for v in values]
+        style = "o-" if steps[-1] <= 300 else "s--"
+        ax.plot(steps, mean, style, color=f"C{names.index(label.rsplit(',', 1)[0])}", label=label, ms=3)
+        ax.fill_between(steps, [a - s for a, s in zip(mean, spreads)], [a + s for a, s in zip(mean, spreads)],
+                        color=f"C{names.index(label.rsplit(',', 1)[0])}", alpha=0.12)
+    ax.axhline(m["teacher_avg_at_k"], color="gray", ls="--", label="frozen teacher (reads the reference)")
+    ax.axhline(m["target_accuracy"], color="black", ls=":", label="reward-reweighted teacher pi* (beta 0.5)")
+    ax.set(xlabel="step", ylabel=f"held-out student Avg@{k}", ylim=(0, 1), title=f"toy world '{world}': each objective "
+           f"at its rate, mean ± std over seeds")
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "comparison.png"), dpi=110)
-    print(f"plot: {os.path.join(out_dir, 'comparison.png')}")
+    fig.savefig(os.path.join(out_dir, f"{world}.png"), dpi=110)
+    plt.close(fig)
+
+
+def report_sweep(results, lrs, out_dir):
+    """Final Avg@k against the learning rate, an objective a line, a world a panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
+    for ax, (world, result) in zip(axes[0], results.items()):
+        for name in result["chosen_lr"]:
+            ax.plot(lrs, [result["sweep"][f"{name} lr {lr:g}"][-1]["eval_avg_at_k"] for lr in lrs], "o-", label=name)
+        ax.axhline(result["world"]["eval_avg_at_k"], color="gray", ls="--", label="student before")
+        ax.set(xscale="log", xlabel="learning rate", ylabel=f"final Avg@{result['world']['eval_k']} (seed 0)",
+               title=world, ylim=(0, 1))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "sweep.png"), dpi=110)
+    plt.close(fig)
 
 
 def device_name():
@@ -633,9 +608,7 @@ def datasheet():
 
 if __name__ == "__main__":
     benches = {"gpu": bench_gpu, "sampler": bench_sampler, "kernels": bench_kernels, "train": bench_train,
-               "memory": bench_memory,
-               "toy": bench_toy_worlds,
-               "beta": lambda: bench_toy(TOY_BETAS, "out/bench_beta"), "wrong_references": bench_wrong_references}
+               "memory": bench_memory, "toy": bench_toy}
     names = sys.argv[1:] or ["sampler", "kernels", "train"]
     unknown = [n for n in names if n not in benches]
     if unknown:

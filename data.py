@@ -50,6 +50,28 @@ FIELD_NAMES = {"problem": ("problem", "question", "Problem", "Question"),
                "answer": ("answer", "Answer", "final_answer"), "solution": ("solution", "Solution")}
 
 
+# Hub names: a local path wins; otherwise owner/name is looked up on the Hugging Face Hub and kept in its cache
+# ($HF_HOME; HF_HUB_OFFLINE=1 reads the cache alone), with only the files a run reads downloaded.
+HUB_FILES = {"model": ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                       "model.safetensors", "model-*.safetensors", "model.safetensors.index.json"],
+             "adapter": ["adapter_config.json", "adapter_model.safetensors"],
+             "dataset": [f"*{suffix}" for suffix in (".parquet", ".jsonl", ".json")]}
+
+
+def local_path(spec, kind):
+    """spec as it is if it is a local path (or a glob, or not of the form owner/name); else the folder that holds the
+    Hub's model, adapter or dataset of that name. An unknown name is a DataError that names it."""
+    if os.path.exists(spec) or glob.has_magic(spec) or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return spec
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(spec, repo_type="dataset" if kind == "dataset" else "model",
+                                 allow_patterns=HUB_FILES[kind])
+    except Exception as e:  # not on the Hub, not in the cache offline, no network, no access: each says why
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{spec}: neither a local path nor a Hub {kind} that could be fetched ({reason})") from None
+
+
 def data_files(spec):
     """A file, a folder (its data files and those of a data/ folder inside it, in name order) or a glob -> paths."""
     if os.path.isdir(spec):
@@ -337,15 +359,19 @@ DECOYS = (-20, -10, -3, -2, -1, 1, 2, 3, 10, 20)
 def toy_examples(world, n, seed, **task):
     """n problems of synthetic_math(**task), each with its world's reference and the answers the teacher is taught.
     worked: the worked solution, whose result the teacher copies, so it is right on nearly every problem.
-    candidates: "The result is a or b.", the answer and a decoy in random order, either of which it learns to give,
-    so it is right about half the time on every problem; there the reward-reweighted target pi_T exp(r / beta) / Z
-    lies above the teacher (at beta 0.5, pi*(right) = 0.88)."""
+    candidates: "The result is a or b.", the answer and a decoy drawn for the row, in random order, either of which
+    it learns to give, so it is right about half the time on every problem; there the reward-reweighted target
+    pi_T exp(r / beta) / Z lies above the teacher (at beta 0.5, pi*(right) = 0.88).
+    mistakes: the same, but the decoy is the problem's own (its operation's numbers choose it): the same mistake
+    wherever the problem appears, so the target depends on the problem alone, as a student that never reads the
+    reference can follow."""
     rng, examples = random.Random(seed), []
     for example in synthetic_math(n, seed=seed, **task):
         taught = [example.answer]
-        if world == "candidates":
+        if world in ("candidates", "mistakes"):
             answer = int(example.answer)
-            decoy = answer + rng.choice([d for d in DECOYS if answer + d >= 0])
+            chooser = random.Random(example.solution.splitlines()[0]) if world == "mistakes" else rng  # "7 + 5 = 12"
+            decoy = answer + chooser.choice([d for d in DECOYS if answer + d >= 0])
             taught = rng.sample([example.answer, str(decoy)], 2)
             example = replace(example, solution=f"The result is {taught[0]} or {taught[1]}.")
         examples.append((example, taught))

@@ -1,8 +1,11 @@
 """
 Avg@k evaluation: k sampled answers per problem with the project's sampler, graded by the verifiable reward.
 
-    python eval.py --model DIR [--lora DIR] --data FILE [--k 12] [--temperature 1.0] [--max_new_tokens 2048]
+    python eval.py --model DIR [--lora DIR] --data SET [SET ...] [--k 12] [--temperature 1.0] [--max_new_tokens 2048]
+    python eval.py config/opsd_qwen3_1.7b.py --lora runs/opsd/checkpoints/step_000100   # a recipe's evaluation
     torchrun --nproc_per_node 8 eval.py ...   (problems are split across ranks and gathered on rank 0)
+
+A model, adapter or set may be a local path or a Hugging Face Hub name (Qwen/Qwen3-1.7B, HuggingFaceH4/aime_2024).
 
 Each problem samples with its own seed (the i-th child of --seed), so the results do not depend on the number
 of ranks or on --batch_size. Avg@k is the mean over problems of (correct samples / k). pass@k uses the unbiased
@@ -17,8 +20,11 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -147,14 +153,19 @@ def evaluate_across_ranks(model, tokenizer, examples, **kwargs):
     return summarize(ordered, mine["k"])
 
 
-def print_table(summary):
-    rows = [(f"Avg@{summary['k']}", summary["avg_at_k"]), ("pass@1", summary["pass_at_1"]),
-            (f"pass@{summary['k']}", summary["pass_at_k"]), ("mean length (tokens)", summary["mean_length"]),
-            ("truncation rate", summary["truncation_rate"]),
-            ("uncertainty words / 1K tokens", summary["uncertainty_per_1k"])]
-    print(f"{'metric':<32}{'value':>10}   ({summary['n_problems']} problems)")
-    for name, value in rows:
-        print(f"{name:<32}{value:>10.4f}")
+# the columns of eval.py's table: a summary's key, its heading (k filled in), its format
+TABLE = {"n_problems": ("problems", "{:.0f}"), "avg_at_k": ("Avg@{k}", "{:.4f}"), "pass_at_1": ("pass@1", "{:.4f}"),
+         "pass_at_k": ("pass@{k}", "{:.4f}"), "mean_length": ("mean length", "{:.1f}"),
+         "truncation_rate": ("cut at the budget", "{:.3f}"), "uncertainty_per_1k": ("uncertainty / 1K", "{:.2f}")}
+
+
+def print_table(summaries, k):
+    """A row a summary: name -> summary (a set's, or the mean of several)."""
+    rows = [[name, *[form.format(s[key]) for key, (_, form) in TABLE.items()]] for name, s in summaries.items()]
+    header = ["set", *[heading.format(k=k) for heading, _ in TABLE.values()]]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
 
 
 def plot_summary(summary, png_path, max_new_tokens):
@@ -192,7 +203,8 @@ def plot_summary(summary, png_path, max_new_tokens):
 # The run's plot: held-out accuracy, then every per-step diagnostic the loop logs that this run has (PBSD's
 # margins, OPSD's KL estimate, ...), each as its raw values and a 10-step running mean.
 CURVES = (("training rewards", "mean", (("student_reward", "student rollouts"), ("teacher_reward", "teacher rollouts"),
-                                        ("label", "PBSD label z"))),
+                                        ("label", "PBSD label z"),
+                                        ("margin_below_target", "PBSD pairs below their label's margin"))),
           ("loss", "loss", (("loss", "loss"),)),
           ("PBSD margin", "m = beta (s(y+) - s(y-)), mean", (("margin", "margin"),)),
           ("student tokens", "nats per token", (("student_entropy", "entropy"),
@@ -229,6 +241,9 @@ def plot_run(metrics_path, png_path):
         teacher = [r["teacher_avg_at_k"] for r in evals if "teacher_avg_at_k" in r]
         if teacher:
             ax.axhline(teacher[0], color="gray", ls="--", label="frozen teacher (with solution)")
+        for r in (r for r in rows if "target_accuracy" in r):  # a toy world's, exact
+            ax.axhline(r["target_accuracy"], color="gray", ls=":",
+                       label=f"reward-reweighted teacher (beta {r['beta']})")
         ax.set(xlabel="step", ylabel=f"Avg@{evals[0]['eval_k']}", title="held-out accuracy", ylim=(0, 1.02))
         ax.legend(fontsize=8)
     for (title, ylabel, lines), ax in zip(curves, panels):
@@ -248,44 +263,61 @@ def plot_run(metrics_path, png_path):
     return titles
 
 
-def greedy_accuracy(model, tokenizer, examples, config, role="student"):
-    """The share of the problems a role answers right greedily, one answer each at temperature 0 (wrap the call in
-    adapters_off for the warm start or the teacher). Avg@k at temperature 1 also counts the sampling mass off the
-    model's most likely answer; this is that answer."""
-    template = config.teacher_template if role == "teacher" else config.student_template
-    return evaluate(model, tokenizer, examples, k=1, temperature=0.0, role=role, template=template or None,
-                    max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens, thinking=config.thinking,
-                    show_progress=False)["avg_at_k"]
-
-
-def print_run_table(trainer, seconds, with_greedy):
-    """The run's first and last held-out evaluations side by side; with_greedy (the toy world, where it is cheap) adds
-    greedy accuracy, which beside Avg@k says whether the student lacks the answer or only spreads mass off it."""
-    config, history, model = trainer.config, trainer.history, trainer.model
+def print_run_table(trainer, seconds, toy_world="", target=None):
+    """The run's first and last held-out evaluations side by side: Avg@k and greedy accuracy, which beside it says
+    whether the student lacks the answer or only spreads mass off it; the frozen teacher's, and in a toy world the
+    reward-reweighted teacher's accuracy (target, as logged)."""
+    config, history = trainer.config, trainer.history
     before, after = history[0], history[-1]
     k = config.eval_k
     rows = [(f"student Avg@{k}", before["eval_avg_at_k"], after["eval_avg_at_k"]),
             (f"student pass@{k}", before["eval_pass_at_k"], after["eval_pass_at_k"]),
+            ("student greedy accuracy", before["eval_greedy_accuracy"], after["eval_greedy_accuracy"]),
             ("response length (tokens)", before["eval_mean_length"], after["eval_mean_length"]),
             ("uncertainty words / 1K tokens", before["eval_uncertainty_per_1k"], after["eval_uncertainty_per_1k"])]
-    if with_greedy:
-        greedy = lambda role="student": greedy_accuracy(model, trainer.tokenizer, trainer.eval_examples, config, role)
-        with qwen3.adapters_off(model):  # the adapters start at zero: off, the model is the student before training
-            greedy_before, teacher_greedy = greedy(), greedy("teacher")
-        rows.insert(2, ("student greedy accuracy", greedy_before, greedy()))
     objective = {"pbsd": f"PBSD (label {config.pbsd_label}, beta {config.beta})", "opsd": f"OPSD (beta_jsd "
                  f"{config.beta_jsd})", "opsd_sampled": "OPSD-sampled", "sft": "SFT",
                  "grpo": f"GRPO ({config.n_student} rollouts a group)"}[config.loss]
-    objective += f" in the {config.toy_world} toy world" if with_greedy else ""
+    objective += f" in the {toy_world} toy world" if toy_world else ""
     print(f"\n{objective} on {before['eval_n_problems']} held-out problems, {config.steps} steps, {seconds:.0f} s")
     print(f"{'':<32}{'before':>10}{'after':>10}")
     for name, value_before, value_after in rows:
         print(f"{name:<32}{value_before:>10.3f}{value_after:>10.3f}")
-    if "teacher_avg_at_k" in before:
-        print(f"{'frozen teacher Avg@' + str(k):<32}{before['teacher_avg_at_k']:>10.3f}")
-    if with_greedy:
-        print(f"{'frozen teacher greedy accuracy':<32}{teacher_greedy:>10.3f}")
+    frozen = [(f"frozen teacher Avg@{k}", before.get("teacher_avg_at_k")),
+              ("frozen teacher greedy accuracy", before.get("teacher_greedy_accuracy")),
+              (f"reward-reweighted teacher pi*", target and target["target_accuracy"])]
+    for name, value in frozen:
+        if value is not None:
+            print(f"{name:<32}{value:>10.3f}")
     print(f"learning curve: {os.path.join(config.out_dir, 'learning_curve.png')}")
+
+
+def start_run_log(out_dir, step, config):
+    """A run starting at step 0 moves an earlier run's files in out_dir (log, plot, config, checkpoints) to a new
+    out_dir/earlier_runs/<time>-<random>/, so that runs never mix and a later --resume never picks up another run,
+    and nothing is deleted; a run resumed at a step keeps the log lines up to it (it runs the later ones again) and
+    drops a line cut short by a kill. Writes the run's config.json."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    earlier = [n for n in ("metrics.jsonl", "learning_curve.png", "config.json", "checkpoints")
+               if step == 0 and os.path.exists(os.path.join(out_dir, n))]
+    if step > 0 and os.path.exists(metrics):
+        kept = []
+        for number, line in enumerate(open(metrics).read().splitlines(), start=1):
+            try:
+                kept += [line + "\n"] if json.loads(line)["step"] <= step else []
+            except json.JSONDecodeError:  # a run killed while appending leaves its last line cut short
+                print(f"[resume] {metrics}: dropped line {number}, cut short: {line[:60]!r}", file=sys.stderr)
+        qwen3.atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(kept)))
+    elif earlier:
+        os.makedirs(os.path.join(out_dir, "earlier_runs"), exist_ok=True)
+        archive = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=f"{out_dir}/earlier_runs")
+        for name in earlier:
+            os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
+        print(f"[pbsd] {out_dir} held an earlier run; moved its {', '.join(earlier)} to {archive} "
+              f"(--resume continues a run instead)", file=sys.stderr)
+    os.makedirs(out_dir, exist_ok=True)
+    qwen3.atomic_write(os.path.join(out_dir, "config.json"),
+                       lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 class Stats:
@@ -318,11 +350,20 @@ def summary_line(m):
     return " ".join(form.format(m[key]) for key, form in shown if key in m)
 
 
+def set_name(spec):
+    """A name for a set's row and folder: a Hub name's last part, or its file's or folder's stem."""
+    name = os.path.basename(spec.split("*")[0].rstrip("/")).split(".")[0] if "*" in spec else Path(spec).stem
+    return re.sub(r"[^\w-]+", "_", name) or "data"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF Qwen3 checkpoint folder")
-    parser.add_argument("--lora", help="PEFT adapter folder to apply")
-    parser.add_argument("--data", required=True, help="a JSONL, JSON or Parquet file, a folder of them or a glob")
+    parser.add_argument("recipe", nargs="?", help="a recipe (config/*.py): its model, held-out sets and evaluation "
+                        "settings are the defaults, which the flags override")
+    parser.add_argument("--model", help="HF Qwen3 checkpoint: a folder or a Hub name")
+    parser.add_argument("--lora", help="PEFT adapter to apply: a folder (a training checkpoint) or a Hub name")
+    parser.add_argument("--data", nargs="+", help="held-out sets, a table row each: JSONL, JSON or Parquet files, "
+                        "folders of them, globs or Hub data sets")
     parser.add_argument("--task", choices=("math", "tool"), default="math")
     for field in ("problem", "answer", "solution"):
         parser.add_argument(f"--{field}_key", default="", help=f"the {field} column (default: the first present of "
@@ -339,8 +380,21 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eager", action="store_true",
                         help="sample without torch.compile and CUDA graphs (a GPU uses them otherwise)")
-    parser.add_argument("--out", default="eval_out", help="folder for samples.jsonl, summary.json and summary.png")
+    parser.add_argument("--out", default="eval_out", help="a folder a set for samples.jsonl, summary.json and "
+                        "summary.png, and summary.json of them all")
     args = parser.parse_args(argv)
+    if args.recipe:
+        import pbsd  # not at the top: pbsd.py imports this file
+        try:
+            config = pbsd.parse_args([args.recipe])
+        except pbsd.ConfigError as e:
+            parser.error(str(e))
+        parser.set_defaults(model=config.model, data=[s for s in config.eval_data.split(",") if s], task=config.task,
+                            k=config.eval_k, temperature=config.eval_temperature, thinking=config.eval_thinking,
+                            max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens)
+        args = parser.parse_args(argv)
+    if not (args.model and args.data):
+        parser.error("--model and --data are needed, or a recipe that names them")
     for name in ("k", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -350,37 +404,50 @@ def main(argv=None):
         parser.error(f"--top_p must lie in (0, 1], got {args.top_p}")
 
     rank, _, device = setup_distributed()
-    model = qwen3.load_qwen3(args.model, device=device, dtype=getattr(torch, args.dtype))
+    model_path = data.local_path(args.model, "model")
+    model = qwen3.load_qwen3(model_path, device=device, dtype=getattr(torch, args.dtype))
     if args.lora:
-        qwen3.load_lora(model, args.lora)
-    tokenizer = data.Tokenizer(args.model)
-    if args.task == "math":
-        examples = data.load_examples(args.data, args.problem_key, args.solution_key, args.answer_key)
-    else:
-        examples = data.load_tool_examples(args.data)
-
-    summary = evaluate_across_ranks(model, tokenizer, examples, k=args.k, temperature=args.temperature,
-                                    top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                    batch_size=args.batch_size, thinking=args.thinking, template=args.template,
-                                    seed=args.seed, compile=device.type == "cuda" and not args.eager)
-    results = summary["per_problem"]
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "samples.jsonl"), "w") as f:
-            for index, result in enumerate(results):
-                for sample, text in enumerate(result["responses"]):
-                    f.write(json.dumps({"problem_index": index, "sample": sample, "answer": result["answer"],
-                                        "response": text, "reward": result["rewards"][sample],
-                                        "length": result["lengths"][sample],
-                                        "truncated": result["truncated"][sample]}) + "\n")
-        json.dump({key: value for key, value in summary.items() if key != "per_problem"},
-                  open(os.path.join(args.out, "summary.json"), "w"), indent=2)
-        plot_summary(summary, os.path.join(args.out, "summary.png"), args.max_new_tokens)
-        print_table(summary)
-        print(f"samples, summary and its plot written to {args.out}/ (samples.jsonl, summary.json, summary.png)")
+        qwen3.load_lora(model, data.local_path(args.lora, "adapter"))
+    tokenizer = data.Tokenizer(model_path)
+    summaries, names = {}, [set_name(spec) for spec in args.data]
+    if len(set(names)) < len(names):  # two sets of one name: numbered
+        names = [f"{number}_{name}" for number, name in enumerate(names, start=1)]
+    for spec, name in zip(args.data, names):
+        path = data.local_path(spec, "dataset")
+        examples = (data.load_examples(path, args.problem_key, args.solution_key, args.answer_key)
+                    if args.task == "math" else data.load_tool_examples(path))
+        summary = evaluate_across_ranks(model, tokenizer, examples, k=args.k, temperature=args.temperature,
+                                        top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                        batch_size=args.batch_size, thinking=args.thinking, template=args.template,
+                                        seed=args.seed, compile=device.type == "cuda" and not args.eager)
+        if rank == 0:
+            write_evaluation(summary, os.path.join(args.out, name), args.max_new_tokens)
+        summaries[name] = {key: value for key, value in summary.items() if key != "per_problem"}
+    if rank == 0:  # each set counts once in the mean, whatever its size
+        mean = {key: statistics.mean(s[key] for s in summaries.values()) for key in TABLE}
+        json.dump({"sets": summaries, "mean_of_sets": mean}, open(os.path.join(args.out, "summary.json"), "w"),
+                  indent=2)
+        print_table({**summaries, **({f"mean of {len(summaries)} sets": mean} if len(summaries) > 1 else {})}, args.k)
+        print(f"each set's samples.jsonl, summary.json and summary.png in {args.out}/<set>/, all sets' summary in "
+              f"{args.out}/summary.json")
     if dist.is_initialized():
         dist.barrier()  # the ranks leave together: one tearing gloo down while another still writes can abort it
         dist.destroy_process_group()
+
+
+def write_evaluation(summary, folder, max_new_tokens):
+    """A set's samples (a line each), its summary and its plot, in folder."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "samples.jsonl"), "w") as f:
+        for index, result in enumerate(summary["per_problem"]):
+            for sample, text in enumerate(result["responses"]):
+                f.write(json.dumps({"problem_index": index, "sample": sample, "answer": result["answer"],
+                                    "response": text, "reward": result["rewards"][sample],
+                                    "length": result["lengths"][sample],
+                                    "truncated": result["truncated"][sample]}) + "\n")
+    json.dump({key: value for key, value in summary.items() if key != "per_problem"},
+              open(os.path.join(folder, "summary.json"), "w"), indent=2)
+    plot_summary(summary, os.path.join(folder, "summary.png"), max_new_tokens)
 
 
 if __name__ == "__main__":

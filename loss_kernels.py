@@ -105,52 +105,57 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, chunk_size=1024,
 #   JSD_b(T, S) = b KL(T || M) + (1 - b) KL(S || M),   M = b T + (1 - b) S.
 # It vanishes at both ends of b, so the ends are its limits after dividing by b or by (1 - b):
 #   b = 0: forward KL(T || S) (mass-covering),   b = 1: reverse KL(S || T) (mode-seeking).
-# The gradient with respect to the student logits s (T is fixed) is S * (g - sum(S g)) with
-#   g = (1 - b) log(S / M) for 0 < b < 1,   g = -T / S for b = 0,   g = log(S / T) for b = 1.
+# It is a sum over the vocabulary of terms d_v, each a function of S_v alone (T is fixed): with g_v = d d_v / d S_v,
+#   g = -T / S for b = 0,   g = (1 - b) log(S / M) for 0 < b < 1,   g = log(S / T) + 1 for b = 1,
+# the gradient with respect to the student logits s is S * (g - sum(S g)). A term clip min(d_v, c) keeps the terms
+# at or below c and their g, and zeroes the others'.
 
 
-def _jsd_terms(student_hidden, teacher_hidden, weight, beta, temperature):
+def _jsd_terms(student_hidden, teacher_hidden, weight, beta, temperature, term_clip):
     student_logp = _chunk_logits(student_hidden, weight, temperature).log_softmax(-1)  # (C, V)
     teacher_logp = _chunk_logits(teacher_hidden, weight, temperature).log_softmax(-1)
     student_p, teacher_p = student_logp.exp(), teacher_logp.exp()
     if beta == 0:
-        divergence = (teacher_p * (teacher_logp - student_logp)).sum(-1)
+        terms = teacher_p * (teacher_logp - student_logp)  # (C, V)
         g_times_p = -teacher_p  # S * (-T / S)
     elif beta == 1:
-        divergence = (student_p * (student_logp - teacher_logp)).sum(-1)
-        g_times_p = student_p * (student_logp - teacher_logp)
+        terms = student_p * (student_logp - teacher_logp)
+        g_times_p = terms + student_p
     else:
         mixture_logp = torch.logaddexp(teacher_logp + torch.log(torch.tensor(beta, dtype=teacher_logp.dtype)),
                                        student_logp + torch.log(torch.tensor(1 - beta, dtype=student_logp.dtype)))
-        divergence = (beta * (teacher_p * (teacher_logp - mixture_logp)).sum(-1)
-                      + (1 - beta) * (student_p * (student_logp - mixture_logp)).sum(-1))
+        terms = (beta * teacher_p * (teacher_logp - mixture_logp)
+                 + (1 - beta) * student_p * (student_logp - mixture_logp))
         g_times_p = (1 - beta) * student_p * (student_logp - mixture_logp)
+    if term_clip > 0:
+        g_times_p = g_times_p * (terms <= term_clip)
+        terms = terms.clamp(max=term_clip)
     grad_student_logits = g_times_p - student_p * g_times_p.sum(-1, keepdim=True)  # (C, V) = S * (g - sum S g)
-    return divergence, grad_student_logits
+    return terms.sum(-1), grad_student_logits
 
 
 @_maybe_compiled
-def _jsd_forward_chunk(student_hidden, teacher_hidden, weight, beta, temperature):
-    return _jsd_terms(student_hidden, teacher_hidden, weight, beta, temperature)[0]
+def _jsd_forward_chunk(student_hidden, teacher_hidden, weight, beta, temperature, term_clip):
+    return _jsd_terms(student_hidden, teacher_hidden, weight, beta, temperature, term_clip)[0]
 
 
 @_maybe_compiled
-def _jsd_backward_chunk(student_hidden, teacher_hidden, weight, grad_divergence, beta, temperature):
-    grad_logits = _jsd_terms(student_hidden, teacher_hidden, weight, beta, temperature)[1]
+def _jsd_backward_chunk(student_hidden, teacher_hidden, weight, grad_divergence, beta, temperature, term_clip):
+    grad_logits = _jsd_terms(student_hidden, teacher_hidden, weight, beta, temperature, term_clip)[1]
     return (grad_divergence[:, None] * grad_logits / temperature).to(weight.dtype) @ weight  # (C, D)
 
 
 class _GJSDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, beta, temperature, chunk_size):
+    def forward(ctx, student_hidden, teacher_hidden, weight, beta, temperature, term_clip, chunk_size):
         divergence = torch.empty(student_hidden.shape[0], device=student_hidden.device,
                                  dtype=torch.promote_types(student_hidden.dtype, torch.float32))
         for start, end in _chunks(student_hidden.shape[0], chunk_size):
             divergence[start:end] = _jsd_forward_chunk(_padded(student_hidden[start:end], chunk_size),
                                                        _padded(teacher_hidden[start:end], chunk_size),
-                                                       weight, beta, temperature)[:end - start]
+                                                       weight, beta, temperature, term_clip)[:end - start]
         ctx.save_for_backward(student_hidden, teacher_hidden, weight)
-        ctx.beta, ctx.temperature, ctx.chunk_size = beta, temperature, chunk_size
+        ctx.settings, ctx.chunk_size = (beta, temperature, term_clip), chunk_size
         return divergence
 
     @staticmethod
@@ -162,16 +167,19 @@ class _GJSDivergence(torch.autograd.Function):
             pad = lambda x: _padded(x, chunk_size)
             grad_student[start:end] = _jsd_backward_chunk(
                 pad(student_hidden[start:end]), pad(teacher_hidden[start:end]), weight,
-                pad(grad_divergence[start:end, None])[:, 0], ctx.beta, ctx.temperature)[:end - start]
-        return grad_student, None, None, None, None, None
+                pad(grad_divergence[start:end, None])[:, 0], *ctx.settings)[:end - start]
+        return grad_student, None, None, None, None, None, None
 
 
-def gjs_divergence(student_hidden, teacher_hidden, weight, *, beta=0.5, temperature=1.0, chunk_size=1024):
+def gjs_divergence(student_hidden, teacher_hidden, weight, *, beta=0.5, temperature=1.0, term_clip=0.0,
+                   chunk_size=1024):
     """(N, D) student and teacher hidden states at the same response positions, weight (V, D) -> per-token
-    JSD_beta(teacher, student) (N,) over the full vocabulary; the gradient reaches the student side only."""
+    JSD_beta(teacher, student) (N,) over the full vocabulary, each vocabulary entry's term clipped at term_clip if it
+    is positive; the gradient reaches the student side only."""
     if not 0 <= beta <= 1:
         raise ValueError(f"beta_jsd must lie in [0, 1], got {beta}")
-    return _GJSDivergence.apply(student_hidden, teacher_hidden.detach(), weight, float(beta), temperature, chunk_size)
+    return _GJSDivergence.apply(student_hidden, teacher_hidden.detach(), weight, float(beta), temperature,
+                                float(term_clip), chunk_size)
 
 
 # The PBSD preference loss. For a response y, s(y) = log pi_theta(y | x) - log pi_T(y | x, c), summed over

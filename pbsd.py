@@ -24,12 +24,10 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -44,9 +42,9 @@ import model as qwen3
 @dataclass
 class Config:
     # model and data; no --model means the built-in toy world (TOY_WORLD below)
-    model: str = ""  # HF Qwen3 checkpoint folder (config.json, safetensors, tokenizer.json)
-    data: str = ""  # training set: a JSONL, JSON or Parquet file, a folder of them or a glob
-    eval_data: str = ""  # held-out set for periodic Avg@k, the same kinds; empty: no periodic evaluation
+    model: str = ""  # HF Qwen3 checkpoint: a folder (config.json, safetensors, tokenizer.json) or a Hub name
+    data: str = ""  # training set: a JSONL, JSON or Parquet file, a folder of them, a glob, or a Hub data set
+    eval_data: str = ""  # held-out sets for periodic Avg@k, the same kinds, comma-separated; empty: none
     task: str = "math"  # math | tool (ToolAlpaca-style rows)
     problem_key: str = ""  # the column names; empty: the first present of data.FIELD_NAMES (problem, question, ...)
     solution_key: str = ""
@@ -54,20 +52,21 @@ class Config:
     out_dir: str = "out"
     # the objective
     loss: str = "pbsd"  # pbsd | opsd | opsd_sampled | sft | grpo
-    # PBSD's label z of a pair. teacher: z = 1, the paper's loss, stationary at the teacher itself; reward:
-    # z = sigmoid(r+ - r-), this project's variant, minimised by the reward-reweighted teacher pi_T exp(r / beta) / Z
-    pbsd_label: str = "teacher"
+    pbsd_label: str = "teacher"  # a pair's z: teacher, 1 (the paper's); reward, sigmoid(r+ - r-) (this project's)
     beta: float = 0.1  # PBSD KL weight: the target is pi_T exp(r / beta)
     n_teacher: int = 1  # teacher samples per prompt (PBSD); pairs = n_teacher x n_student
     n_student: int = 1  # student rollouts per prompt (GRPO: the group, at least 2)
     length_norm: bool = False  # PBSD: divide each sequence's log-ratio by its token count
     beta_jsd: float = 0.5  # OPSD: 0 forward KL(teacher || student), 1 reverse KL(student || teacher)
-    jsd_token_clip: float = 0.0  # OPSD: clip each token's divergence at this value (0: off)
-    # sampling; every log-prob uses the same temperature
+    jsd_token_clip: float = 0.0  # OPSD: clip each token's divergence, its sum over the vocabulary (0: off)
+    jsd_term_clip: float = 0.0  # OPSD: clip each (token, entry) term before that sum, as OPSD's own jsd_token_clip
+    # sampling the rollouts; every log-prob uses the same temperature
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     max_new_tokens: int = 2048
-    thinking: bool = False  # Qwen3 thinking mode, the same for student and teacher
+    thinking: bool = False  # Qwen3 thinking mode of the student
+    teacher_thinking: bool = False  # of the teacher; set apart from the student's, they differ from the first token
     student_template: str = ""  # replaces the task's default (data.TEMPLATES); must contain {problem}
     teacher_template: str = ""  # must contain {problem} and {solution}
     # LoRA (the published OPSD protocol: r 64, alpha 128, all seven projections)
@@ -86,11 +85,13 @@ class Config:
     dtype: str = "bfloat16"  # base weights; the LoRA parameters are always fp32
     gradient_checkpointing: bool = True
     compile: bool = True  # torch.compile the sampler's decode step, and on CUDA the loss kernels
-    # evaluation, logging, checkpoints
-    eval_every: int = 50
-    eval_k: int = 12  # Avg@12 at temperature 1.0, as published
-    eval_problems: int = 0  # evaluate on the first N held-out problems (0: all)
+    # evaluation (as published: Avg@12 at temperature 1.0, no top-p or top-k), logging, checkpoints
+    eval_every: int = 50  # 0: no evaluation in the run (eval.py evaluates its checkpoints)
+    eval_k: int = 12
+    eval_problems: int = 0  # evaluate on the first N problems of each held-out set (0: all)
     eval_max_new_tokens: int = 0  # 0: max_new_tokens
+    eval_temperature: float = 1.0
+    eval_thinking: bool = False  # Qwen3 thinking mode of the student's evaluation
     save_every: int = 50
     keep_last: int = 3
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
@@ -109,26 +110,44 @@ class TrainingError(RuntimeError):
 
 
 def parse_args(argv):
-    """--key=value overrides, type-checked against Config; without --model the toy-world defaults apply."""
+    """Recipe files, then --key=value overrides, type-checked against Config; without a model, the toy world's
+    defaults. A recipe (config/*.py, as nanoGPT's) sets Config fields as Python assignments, one a line."""
     types = {f.name: f.type for f in fields(Config)}
-    overrides = {}
+    overrides = {}  # key -> (value as text, where it was set)
     for arg in argv:
-        key, has_value, value = arg[2:].partition("=") if arg.startswith("--") else (arg, False, "")
+        if not arg.startswith("--"):  # a recipe's values, read as the command line's are
+            overrides.update((key, (str(value), arg)) for key, value in read_recipe(arg, types).items())
+            continue
+        key, has_value, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in types:
             raise ConfigError(f"unknown config key {arg!r}; valid keys: {', '.join('--' + k for k in types)}")
         if not has_value and types[key] is not bool:
             raise ConfigError(f"--{key} needs a value: --{key}=...")
-        overrides[key] = value if has_value else "true"
+        overrides[key] = (value if has_value else "true", "the command line")
     config = Config(**({} if "model" in overrides else TOY_WORLD))
     booleans = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-    for key, value in overrides.items():
+    for key, (value, where) in overrides.items():
         try:
             setattr(config, key, booleans[value.lower()] if types[key] is bool else types[key](value))
         except (KeyError, ValueError):
-            raise ConfigError(f"--{key} expects {types[key].__name__}, got {value!r}") from None
+            raise ConfigError(f"{where}: --{key} expects {types[key].__name__}, got {value!r}") from None
     _validate(config)
     return config
+
+
+def read_recipe(path, types):
+    """A recipe's assignments, key -> value; an unreadable file or an unknown key is a ConfigError that names it."""
+    values = {}
+    try:
+        exec(compile(open(path).read(), path, "exec"), {}, values)
+    except Exception as e:  # a missing file, a syntax error, a name it does not define
+        raise ConfigError(f"{path}: not a readable recipe (Python assignments, one a line; an option is --key=value): "
+                          f"{type(e).__name__}: {e}") from None
+    unknown = [key for key in values if key not in types]
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]!r} is not a config key; valid keys: {', '.join(types)}")
+    return values
 
 
 def _validate(config):
@@ -140,8 +159,9 @@ def _validate(config):
     # temperature 0 would make every log-prob (logits / T) infinite; keep_last 0 would keep every checkpoint
     positive = ("beta", "temperature", "n_teacher", "n_student", "max_new_tokens", "lora_rank", "lora_alpha", "steps",
                 "batch_size", "micro_batch_size", "eval_k", "keep_last")
-    at_least_zero = ("rollout_batch_size", "jsd_token_clip", "lr", "warmup_steps", "weight_decay", "grad_clip",
-                     "eval_every", "eval_problems", "eval_max_new_tokens", "save_every", "toy_warm_start_steps")
+    at_least_zero = ("rollout_batch_size", "jsd_token_clip", "jsd_term_clip", "top_k", "lr", "warmup_steps",
+                     "weight_decay", "grad_clip", "eval_every", "eval_problems", "eval_max_new_tokens",
+                     "eval_temperature", "save_every", "toy_warm_start_steps")
     for key in positive + at_least_zero:
         value = getattr(config, key)
         if not (value > 0 if key in positive else value >= 0):  # NaN fails both
@@ -218,14 +238,18 @@ def pbsd_objective(scores, config, stats):
                                                  label=config.pbsd_label)
     stats.add("margin", margin.tolist())
     stats.add("label", label.tolist())
+    # the margin each pair's loss is least at is logit(z): r+ - r- for the reward label, +inf for the teacher's
+    stats.add("margin_below_target", (margin < torch.logit(label)).tolist())
     return loss.sum()
 
 
 def opsd_objective(scores, config, stats):
     """OPSD: per token of the student's rollouts, the generalized JSD of the teacher's and the student's next-token
-    distributions over the full vocabulary, clipped at jsd_token_clip if set."""
+    distributions over the full vocabulary, each of its terms clipped at jsd_term_clip and their sum at
+    jsd_token_clip, if set."""
     divergence = loss_kernels.gjs_divergence(scores.student_hidden, scores.teacher_hidden, scores.head_weight,
-                                             beta=config.beta_jsd, temperature=config.temperature)  # (N,)
+                                             beta=config.beta_jsd, temperature=config.temperature,
+                                             term_clip=config.jsd_term_clip)  # (N,)
     return (divergence.clamp(max=config.jsd_token_clip) if config.jsd_token_clip > 0 else divergence).sum()
 
 
@@ -253,9 +277,8 @@ OBJECTIVES = {"pbsd": pbsd_objective, "opsd": opsd_objective, "opsd_sampled": op
 
 
 def response_hidden(model, prompts, responses):
-    """Runs each prompt + response, right-padded into one batch, and returns the final hidden states at the positions
-    that predict response tokens (N, D), those tokens (N,) and the response each belongs to (N,), in order. Token j of
-    a response is predicted at position len(prompt) - 1 + j."""
+    """Runs each prompt + response, right-padded into one batch: the final hidden states that predict the responses'
+    tokens (N, D) (token j at position len(prompt) - 1 + j), those tokens (N,) and the response of each (N,)."""
     device = model.embed_tokens.weight.device
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     input_ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
@@ -269,9 +292,8 @@ def response_hidden(model, prompts, responses):
 
 
 def rollout_seed(seed, step, position, role):
-    """The sampling seed of the example at this position of the step's global batch, for role 0 (student) or 1
-    (teacher). It depends on neither the rank nor the sampler call, so however the batch is split (ranks, calls,
-    micro-batches) an example's rollouts are the same, up to the rounding of logits computed in other batch shapes."""
+    """The sampling seed of the prompt at this position of the step's global batch, for role 0 (student) or 1
+    (teacher): however the step is split (ranks, calls, micro-batches), a prompt's rollouts are the same."""
     return qwen3.sub_seed(qwen3.sub_seed(qwen3.sub_seed(seed, step), position), role)
 
 
@@ -283,7 +305,8 @@ class Trainer:
             raise ConfigError(f"--batch_size={config.batch_size} must be a multiple of the number of ranks "
                               f"({self.world})")
         loss_kernels.compile_kernels = config.compile and self.device.type == "cuda"
-        self.model = qwen3.load_qwen3(config.model, self.device, getattr(torch, config.dtype))
+        self.model_path = data.local_path(config.model, "model")  # a Hub name resolves into its cache
+        self.model = qwen3.load_qwen3(self.model_path, self.device, getattr(torch, config.dtype))
         self.model.gradient_checkpointing = config.gradient_checkpointing
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
         try:
@@ -293,12 +316,12 @@ class Trainer:
             raise ConfigError(f"--lora_targets={config.lora_targets}: {e}") from None
         self.optimizer = torch.optim.AdamW(self.lora_params, lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_scale)
-        self.tokenizer = tokenizer = data.Tokenizer(config.model)
+        self.tokenizer = tokenizer = data.Tokenizer(self.model_path)
         self.train_examples, self.eval_examples = self.load_data()
-        prompts = lambda make, template: [make(e, tokenizer, config.thinking, template or None)
-                                          for e in self.train_examples]
-        self.student_prompts = prompts(data.student_prompt, config.student_template)
-        self.teacher_prompts = (prompts(data.teacher_prompt, config.teacher_template)
+        prompts = lambda make, thinking, template: [make(e, tokenizer, thinking, template or None)
+                                                    for e in self.train_examples]
+        self.student_prompts = prompts(data.student_prompt, config.thinking, config.student_template)
+        self.teacher_prompts = (prompts(data.teacher_prompt, config.teacher_thinking, config.teacher_template)
                                 if config.loss in ("pbsd", "opsd", "opsd_sampled") else [])
         self.references = ([tokenizer.encode(e.solution + data.IM_END) for e in self.train_examples]
                            if config.loss == "sft" else [])  # SFT's targets, each closed by the end of the turn
@@ -322,13 +345,14 @@ class Trainer:
             raise ConfigError("--data is required with --model (a JSONL, JSON or Parquet training set)")
         load = (data.load_tool_examples if config.task == "tool" else
                 lambda path: data.load_examples(path, config.problem_key, config.solution_key, config.answer_key))
-        train = load(config.data)
+        train = load(data.local_path(config.data, "dataset"))
         unsolved = [i for i, example in enumerate(train, start=1) if not example.solution]
         if unsolved and config.loss != "grpo":  # GRPO alone reads no reference solution
             raise data.DataError(f"{config.data}: example {unsolved[0]} has no reference solution, which the teacher "
                                  f"(and SFT) need; --solution_key names its column")
-        held_out = load(config.eval_data) if config.eval_data else []
-        return train, held_out[:config.eval_problems or None]
+        held_out = [e for spec in filter(None, config.eval_data.split(","))  # each set's first eval_problems
+                    for e in load(data.local_path(spec, "dataset"))[:config.eval_problems or None]]
+        return train, held_out
 
     def check_lengths(self):
         context, new_tokens = self.model.config.max_position_embeddings, self.config.max_new_tokens
@@ -360,9 +384,8 @@ class Trainer:
     # -- the step: rollouts, then scoring, loss and backward micro-batch by micro-batch
 
     def sample(self, step, batch, stats):
-        """The rank's rollouts for the step, graded: the student's (LoRA on, n_student a prompt) and, for PBSD, the
-        teacher's (LoRA off, n_teacher a prompt), both roles in one sampler call per rollout_batch_size prompts: a
-        decode step reads the weights once for all its rows. Returns them as Responses, a call's in its order."""
+        """The rank's rollouts for the step as graded Responses: the student's (LoRA on, n_student a prompt) and, for
+        PBSD, the teacher's (LoRA off, n_teacher a prompt), both in one sampler call per rollout_batch_size prompts."""
         config, timer = self.config, time.time()
         roles = ("student", "teacher") if config.loss == "pbsd" else ("student",)
         counts = {"student": config.n_student, "teacher": config.n_teacher}
@@ -373,7 +396,7 @@ class Trainer:
             requests = [(position, i, role) for role in roles for position, i in batch[start:start + chunk]]
             rollouts = iter(qwen3.generate(
                 self.model, [prompts[role][i] for _, i, role in requests], config.max_new_tokens,
-                temperature=config.temperature, top_p=config.top_p, eos_ids=self.tokenizer.eos_ids,
+                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, eos_ids=self.tokenizer.eos_ids,
                 seed=[rollout_seed(config.seed, step, position, roles.index(role)) for position, _, role in requests],
                 num_samples=[counts[role] for *_, role in requests],
                 adapters=[role == "student" for *_, role in requests], compile=config.compile))
@@ -416,8 +439,8 @@ class Trainer:
         count of terms per rank. Returns that share."""
         config, timer = self.config, time.time()
         scores = self.score(responses)
-        is_student = torch.tensor([r.role == "student" for r in responses], device=scores.token_response.device)
-        on_student = is_student[scores.token_response]  # (N,): the tokens of the student's own rollouts
+        on_student = torch.tensor([r.role == "student" for r in responses],  # (N,): the student's rollouts' tokens
+                                  device=scores.token_response.device)[scores.token_response]
         if on_student.any():
             stats.add_ratio("student_entropy", scores.student_entropy[on_student].sum().item(), on_student.sum().item())
         if scores.teacher_logp is not None and on_student.any():
@@ -486,8 +509,9 @@ class Trainer:
         config = self.config
         if config.resume:
             self.load_checkpoint()
-        self.start_out_dir()
-        if self.step == 0 and self.eval_examples:
+        if self.rank == 0:
+            evaluation.start_run_log(config.out_dir, self.step, asdict(config))
+        if self.step == 0 and self.eval_examples and config.eval_every:
             self.evaluate()
         last_step, first_step = min(config.steps, until_step or config.steps), self.step
         progress = evaluation.Progress(last_step - first_step, config.loss, enabled=self.rank == 0)
@@ -535,60 +559,38 @@ class Trainer:
     # -- evaluation, logging
 
     def evaluate(self):
+        """Held-out Avg@k of the student, and its greedy accuracy (one answer at temperature 0), which beside Avg@k
+        says whether it lacks the answer or spreads its mass off it; at the first evaluation, the frozen teacher's."""
         config = self.config
-        kwargs = dict(k=config.eval_k, temperature=config.temperature, top_p=config.top_p,
+        kwargs = dict(k=config.eval_k, temperature=config.eval_temperature,
                       max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
-                      batch_size=config.micro_batch_size * config.eval_k, thinking=config.thinking,
-                      seed=config.seed + 12345, compile=config.compile, show_progress=False)
+                      batch_size=config.micro_batch_size * config.eval_k, seed=config.seed + 12345,
+                      compile=config.compile, show_progress=False)
+        greedy = dict(k=1, temperature=0.0)  # one answer a problem, the most likely
+
+        def summary(role, **settings):  # the evaluation's figures, without its per-problem results
+            template = (config.teacher_template if role == "teacher" else config.student_template) or None
+            settings["thinking"] = config.teacher_thinking if role == "teacher" else config.eval_thinking
+            figures = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples, role=role,
+                                                       template=template, **{**kwargs, **settings})
+            return {k: v for k, v in figures.items() if k != "per_problem"}
         self.model.eval()
         advice = (f"the evaluation's KV cache is what to lower: a call samples --micro_batch_size x --eval_k = "
-                  f"{kwargs['batch_size']} rows of up to {kwargs['max_new_tokens']} new tokens; lower "
-                  f"--micro_batch_size or --eval_max_new_tokens")
+                  f"{kwargs['batch_size']} rows of up to {kwargs['max_new_tokens']} new tokens; lower either")
         with self.out_of_memory_advice(f"evaluation at step {self.step}", advice):
-            student = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
-                                                       template=config.student_template or None, **kwargs)
-            result = {"step": self.step, **{f"eval_{k}": v for k, v in student.items() if k != "per_problem"}}
+            result = {"step": self.step, **{f"eval_{k}": v for k, v in summary("student").items()},
+                      "eval_greedy_accuracy": summary("student", **greedy)["avg_at_k"]}
             if not self.history and all(e.solution for e in self.eval_examples):  # the frozen teacher, once
                 with qwen3.adapters_off(self.model):
-                    teacher = evaluation.evaluate_across_ranks(self.model, self.tokenizer, self.eval_examples,
-                                                               role="teacher",
-                                                               template=config.teacher_template or None, **kwargs)
-                result.update({f"teacher_{k}": v for k, v in teacher.items() if k != "per_problem"})
+                    result.update({f"teacher_{k}": v for k, v in summary("teacher").items()},
+                                  teacher_greedy_accuracy=summary("teacher", **greedy)["avg_at_k"])
         qwen3.release_kv_cache()  # an evaluation call samples micro_batch_size x eval_k rows, more than training's
         self.history.append(result)
         self.log(result)
         if self.rank == 0:
-            print(f"[eval] step {self.step}: student Avg@{config.eval_k} {student['avg_at_k']:.3f}, "
-                  f"pass@{config.eval_k} {student['pass_at_k']:.3f}, length {student['mean_length']:.1f}",
-                  file=sys.stderr)
-
-    def start_out_dir(self):
-        """A run starting at step 0 moves an earlier run's files in out_dir (log, plot, config, checkpoints) to a new
-        out_dir/earlier_runs/<time>-<random>/, so that runs never mix and a later --resume never picks up another run,
-        and nothing is deleted; a resumed run drops the log lines after its checkpoint's step, which it runs again."""
-        if self.rank != 0:
-            return
-        out_dir, metrics = self.config.out_dir, os.path.join(self.config.out_dir, "metrics.jsonl")
-        earlier = [n for n in ("metrics.jsonl", "learning_curve.png", "config.json", "checkpoints")
-                   if self.step == 0 and os.path.exists(os.path.join(out_dir, n))]
-        if self.step > 0 and os.path.exists(metrics):
-            kept = []
-            for number, line in enumerate(open(metrics).read().splitlines(), start=1):
-                try:
-                    kept += [line + "\n"] if json.loads(line)["step"] <= self.step else []
-                except json.JSONDecodeError:  # a run killed while appending leaves its last line cut short
-                    print(f"[resume] {metrics}: dropped line {number}, cut short: {line[:60]!r}", file=sys.stderr)
-            qwen3.atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(kept)))
-        elif earlier:
-            os.makedirs(os.path.join(out_dir, "earlier_runs"), exist_ok=True)
-            archive = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=f"{out_dir}/earlier_runs")
-            for name in earlier:
-                os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
-            print(f"[pbsd] {out_dir} held an earlier run; moved its {', '.join(earlier)} to {archive} "
-                  f"(--resume continues a run instead)", file=sys.stderr)
-        os.makedirs(out_dir, exist_ok=True)
-        qwen3.atomic_write(os.path.join(out_dir, "config.json"),
-                           lambda tmp: Path(tmp).write_text(json.dumps(asdict(self.config), indent=2)))
+            print(f"[eval] step {self.step}: student Avg@{config.eval_k} {result['eval_avg_at_k']:.3f}, "
+                  f"pass@{config.eval_k} {result['eval_pass_at_k']:.3f}, greedy "
+                  f"{result['eval_greedy_accuracy']:.3f}, length {result['eval_mean_length']:.1f}", file=sys.stderr)
 
     def log(self, record):
         if self.rank == 0:
@@ -612,7 +614,8 @@ class Trainer:
         final = os.path.join(self.config.out_dir, "checkpoints", f"step_{self.step:06d}")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        qwen3.save_lora(self.model, tmp, base_model_name_or_path=os.path.abspath(self.config.model))
+        base = self.config.model if self.model_path != self.config.model else os.path.abspath(self.model_path)
+        qwen3.save_lora(self.model, tmp, base_model_name_or_path=base)  # a Hub name as it is, a folder in full
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                     "torch_rng": torch.get_rng_state(), "history": self.history, "config": asdict(self.config)},
                    os.path.join(tmp, "trainer_state.pt"))
@@ -647,7 +650,7 @@ class Trainer:
         path = self.config.export_merged
         qwen3.save_qwen3(self.model, path)  # the adapter folded in; the model keeps it, for what runs after
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json", "merges.txt"):
-            source = os.path.join(self.config.model, name)
+            source = os.path.join(self.model_path, name)
             if os.path.exists(source):
                 shutil.copy(source, os.path.join(path, name))
         print(f"[export] merged checkpoint written to {path}", file=sys.stderr)
@@ -663,16 +666,21 @@ def main(argv):
     start = time.time()
     config = parse_args(argv)
     toy = not config.model
-    if toy:
-        if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
-            raise ConfigError("the toy world runs in one process; give --model to train under torchrun")
-        config.model = build_toy_world(config)
-        config.data = config.data or os.path.join(config.model, "train.jsonl")
-        config.eval_data = config.eval_data or os.path.join(config.model, "held_out.jsonl")
+    if toy:  # under torchrun, rank 0 builds and caches the world while the others wait for it
+        if evaluation.setup_distributed()[0] == 0:
+            build_toy_world(config)
+        if dist.is_initialized():
+            dist.barrier()
+        toy_world(config)
     trainer = Trainer(config)
     history = trainer.train()
+    if toy and trainer.rank == 0:  # the reward-reweighted teacher, beside the frozen teacher on the plot
+        target = {"step": 0, "target_accuracy": toy_target_accuracy(trainer)[0], "beta": config.beta}
+        trainer.log(target)
+        evaluation.plot_run(os.path.join(config.out_dir, "metrics.jsonl"),
+                            os.path.join(config.out_dir, "learning_curve.png"))
     if trainer.rank == 0 and len(history) > 1:
-        evaluation.print_run_table(trainer, time.time() - start, with_greedy=toy)
+        evaluation.print_run_table(trainer, time.time() - start, toy and config.toy_world, toy and target)
     if dist.is_initialized():
         dist.barrier()  # the ranks leave together: one tearing gloo down while another still writes can abort it
         dist.destroy_process_group()
@@ -693,19 +701,28 @@ TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, nu
                  num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=512,
                  tie_word_embeddings=True)
 TOY_TRAIN, TOY_HELD_OUT = 4000, 200  # problems (seeds 1 and 2 of data.synthetic_math)
-TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024)
+TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024, threads=2)
 # What the teacher reads (data.toy_examples), and the task (one addition or subtraction on numbers up to max_value)
 # and warm start that make the world test what it is for. worked: a student still learning, beside a teacher that
-# copies the answer. candidates: a teacher right about half the time, above a student that cannot yet add.
+# copies the answer. candidates and mistakes: a teacher right about half the time on every problem, above a student
+# still learning to add, so that the reward-reweighted target lies above the teacher.
 TOY_WORLDS = {"worked": dict(max_value=10, warm_start_steps=600),
-              "candidates": dict(max_value=40, warm_start_steps=1600)}
+              "candidates": dict(max_value=40, warm_start_steps=1600),
+              "mistakes": dict(max_value=40, warm_start_steps=1600)}
+
+
+def toy_world(config):
+    """Points config at the toy world's checkpoint (built and cached on first use) and at its problems."""
+    config.model = build_toy_world(config)
+    config.data = config.data or os.path.join(config.model, "train.jsonl")
+    config.eval_data = config.eval_data or os.path.join(config.model, "held_out.jsonl")
+    return config
 
 
 def build_toy_world(config):
-    """Writes out_dir/toy_base_<recipe>: a real HF checkpoint folder (config.json, model.safetensors, tokenizer.json)
-    warm-started by SFT, and its training and held-out problems as train.jsonl and held_out.jsonl, which the loop reads
-    like any data set. The folder is named by a hash of everything it follows from but the seed, so a later run with the
-    same recipe reuses it and one with another builds its own. Returns its path."""
+    """Writes out_dir/toy_base_<recipe>, an HF checkpoint folder warm-started by SFT, with its training and held-out
+    problems (train.jsonl, held_out.jsonl), and returns its path. The name hashes everything the world follows from but
+    the seed, so a run of the same recipe reuses the folder, and one of another builds its own."""
     world = TOY_WORLDS[config.toy_world]
     task = dict(steps=(1, 1), max_value=world["max_value"])
     steps = config.toy_warm_start_steps or world["warm_start_steps"]
@@ -740,28 +757,52 @@ def build_toy_world(config):
     optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_WARM_START["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     progress = evaluation.Progress(steps, "toy warm start")
-    rng = random.Random(config.seed)
+    rng, threads = random.Random(config.seed), torch.get_num_threads()
+    torch.set_num_threads(TOY_WARM_START["threads"])  # sums follow the thread count: a fixed one builds one world
     for step in range(steps):
         batch = rng.sample(train, TOY_WARM_START["batch_size"])
         prompts = [data.teacher_prompt(e, tokenizer, template=teacher_template) if i % 2 else
                    data.student_prompt(e, tokenizer, template=student_template) for i, (e, _) in enumerate(batch)]
         answers = [rng.choice(taught) if i % 2 else e.answer for i, (e, taught) in enumerate(batch)]
         responses = [tokenizer.encode(f"\\boxed{{{answer}}}{data.IM_END}") for answer in answers]
-        hidden, targets, _ = response_hidden(model, prompts, responses)
-        loss = -loss_kernels.token_logprobs(hidden, model.lm_head_weight, targets).mean()
+        loss = sft_loss(model, prompts, responses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % 50 == 49 or step == steps - 1:
             progress.update(step + 1, f"sft loss {loss.item():.3f}")
-
+    torch.set_num_threads(threads)
     qwen3.save_qwen3(model, tmp)
     json.dump({"eos_token_id": list(tokenizer.eos_ids)}, open(os.path.join(tmp, "generation_config.json"), "w"))
     json.dump({"recipe": json.loads(recipe), "seed": config.seed, "seconds": round(time.time() - start, 1)},
               open(os.path.join(tmp, "warm_start.json"), "w"))
     os.replace(tmp, path)
     return path
+
+
+def sft_loss(model, prompts, responses):
+    """The mean negative log-likelihood of the responses after their prompts, from plain logits, so that the output
+    head (here the tied embedding) trains as well: the loss kernels keep it frozen, as LoRA never trains it."""
+    hidden, targets, _ = response_hidden(model, prompts, responses)
+    return torch.nn.functional.cross_entropy(model.logits(hidden).float(), targets)  # hidden (N, D) -> (N, V)
+
+
+@torch.no_grad()
+def toy_target_accuracy(trainer):
+    """How often the reward-reweighted teacher pi* = pi_T exp(r / beta) / Z is right on the held-out problems, and the
+    frozen teacher itself, exactly, as a toy world's response is the answer alone: per problem, p = pi_T(the right
+    response | x, c) and pi*(right) = p e^(1/beta) / (p e^(1/beta) + 1 - p). Returns both means."""
+    config, model, tokenizer, examples = trainer.config, trainer.model, trainer.tokenizer, trainer.eval_examples
+    prompts = [data.teacher_prompt(e, tokenizer, config.teacher_thinking, config.teacher_template or None)
+               for e in examples]
+    responses = [tokenizer.encode(f"\\boxed{{{e.answer}}}{data.IM_END}") for e in examples]
+    with qwen3.adapters_off(model):
+        hidden, targets, token_response = response_hidden(model, prompts, responses)
+        logp = loss_kernels.token_logprobs(hidden, model.lm_head_weight, targets, temperature=config.temperature)
+    p = torch.zeros(len(examples), dtype=torch.float64).index_add_(0, token_response.cpu(), logp.double().cpu()).exp()
+    boost = math.exp(1 / config.beta)
+    return (p * boost / (p * boost + 1 - p)).mean().item(), p.mean().item()
 
 
 if __name__ == "__main__":

@@ -190,7 +190,8 @@ def test_checkpoint_errors(tmp_path):
 
     path, _ = make_checkpoint(tmp_path / "ok")
     config_file, weights_file = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
-    config, weights = json.load(open(config_file)), load_file(weights_file)
+    config = json.load(open(config_file))
+    weights = {key: t.clone() for key, t in load_file(weights_file).items()}  # not views of the file rewritten below
 
     json.dump({**config, "model_type": "llama"}, open(config_file, "w"))
     _expect_error(path, "model_type is 'llama'")
@@ -564,6 +565,37 @@ def test_gjs_divergence_float64(beta):
     assert (divergence >= -1e-12).all()
 
 
+def opsd_code_terms(student_hidden, teacher_hidden, weight, beta, temperature):
+    """The divergence's (token, vocabulary entry) terms as the OPSD authors' code writes them (F.kl_div, reduction
+    "none", log-space targets), before its clip and its sum over the vocabulary."""
+    S = (student_hidden.double() @ weight.double().T / temperature).log_softmax(-1)
+    T = (teacher_hidden.double() @ weight.double().T / temperature).log_softmax(-1)
+    if beta == 0:
+        return F.kl_div(S, T, reduction="none", log_target=True)
+    if beta == 1:
+        return F.kl_div(T, S, reduction="none", log_target=True)
+    b = torch.tensor(beta, dtype=torch.float64)
+    mixture = torch.logsumexp(torch.stack([S + torch.log1p(-b), T + torch.log(b)]), dim=0)
+    return (b * F.kl_div(mixture, T, reduction="none", log_target=True)
+            + (1 - b) * F.kl_div(mixture, S, reduction="none", log_target=True))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gjs_divergence_term_clip_as_the_opsd_code_clips(beta):
+    """term_clip clips each (token, vocabulary entry) term before the sum, as the OPSD code's jsd_token_clip does:
+    the values and the student's gradient against that formula in float64 (autograd through its clamp)."""
+    student, teacher, weight, _, upstream = _kernel_inputs(29, 16, 70, torch.float64, seed=3)
+    terms = opsd_code_terms(student, teacher, weight, beta, 1.3)
+    clip = terms.flatten().quantile(0.99).item()  # bites on one term in a hundred
+    reference = terms.clamp(max=clip).sum(-1)
+    (reference_grad,) = torch.autograd.grad((reference * upstream).sum(), student)
+    divergence = K.gjs_divergence(student, teacher, weight, beta=beta, temperature=1.3, term_clip=clip, chunk_size=8)
+    (grad,) = torch.autograd.grad((divergence * upstream).sum(), student)
+    assert _relative_error(divergence, reference) < 1e-6 and _relative_error(grad, reference_grad) < 1e-6
+    unclipped = K.gjs_divergence(student, teacher, weight, beta=beta, temperature=1.3, chunk_size=8)
+    assert _relative_error(unclipped, terms.sum(-1)) < 1e-6 and (unclipped > divergence + 1e-3).any()
+
+
 def test_kernels_bf16():
     hidden, teacher, weight, targets, upstream = _kernel_inputs(45, 32, 90, torch.bfloat16, seed=2)
     logp = K.token_logprobs(hidden, weight, targets, chunk_size=16)
@@ -767,28 +799,6 @@ def test_synthetic_math_is_deterministic_and_correct():
         assert str(value) == example.answer
 
 
-def test_wrong_references_keep_the_answer_and_survive_a_file(tmp_path):
-    """bench.py's wrong references: about the share changed, each worked solution consistent with itself but
-    graded wrong by the reward, the answer kept; written and read back unchanged."""
-    import bench
-    examples = data.synthetic_math(400, seed=3, steps=(1, 2), max_value=40)
-    changed = bench.with_wrong_references(examples, 0.5, seed=0)
-    path = str(tmp_path / "wrong.jsonl")
-    data.write_examples(path, changed)
-    assert data.load_examples(path) == changed
-    wrong = 0
-    for before, after in zip(examples, changed):
-        assert (after.problem, after.answer) == (before.problem, before.answer)
-        lines = after.solution.splitlines()
-        assert lines[:-2] == before.solution.splitlines()[:-2]  # only the last operation's result moves
-        left, result = lines[-2].split(" = ")
-        assert data.last_boxed(after.solution) == result and int(result) >= 0
-        if after.solution != before.solution:
-            wrong += 1
-            assert eval(left) != int(result) and 1 <= abs(int(result) - int(after.answer)) <= 10
-            assert data.math_reward(after.solution, after.answer) == 0
-    assert 160 <= wrong <= 240
-
 def _write(path, text):
     path.write_text(text)
     return str(path)
@@ -903,14 +913,23 @@ def test_training_step_on_published_shards_with_an_amc_held_out_set(tiny_with_to
 
 
 def test_eval_on_each_published_shape(tiny_with_tokenizer, published_sets, tmp_path, capsys):
+    """The three sets in one call: a row each and their mean, each set's files in a folder of its name."""
     path, _ = tiny_with_tokenizer
     root, _, held_out = published_sets
-    for name in ("aime24", "amc23", "hmmt_feb_2025"):
-        E.main([f"--model={path}", f"--data={root / name}.parquet", "--k=2", "--max_new_tokens=4", "--dtype=float32",
-                f"--out={tmp_path / name}"])
-        assert json.load(open(tmp_path / name / "summary.json"))["n_problems"] == 3
+    names = ("aime24", "amc23", "hmmt_feb_2025")
+    E.main([f"--model={path}", "--data", *[f"{root / name}.parquet" for name in names], "--k=2", "--max_new_tokens=4",
+            "--dtype=float32", f"--out={tmp_path}"])
+    summaries = json.load(open(tmp_path / "summary.json"))
+    for name in names:
+        assert json.load(open(tmp_path / name / "summary.json")) == summaries["sets"][name]
+        assert summaries["sets"][name]["n_problems"] == 3
         samples = [json.loads(line) for line in open(tmp_path / name / "samples.jsonl")]
         assert len(samples) == 6 and samples[0]["answer"] == data.load_examples(f"{root / name}.parquet")[0].answer
+    mean = sum(summaries["sets"][name]["avg_at_k"] for name in names) / 3
+    assert summaries["mean_of_sets"]["avg_at_k"] == pytest.approx(mean)
+    printed = capsys.readouterr().out
+    assert all(re.search(rf"^{name} +3 ", printed, re.M) for name in names)
+    assert re.search(rf"^mean of 3 sets +3 +{mean:.4f} ", printed, re.M)
     import subprocess
     result = subprocess.run([sys.executable, "eval.py", f"--model={path}", f"--data={root / 'unknown.parquet'}"],
                             capture_output=True, text=True, cwd=REPO)
@@ -999,7 +1018,7 @@ def test_evaluation_with_a_known_outcome(tiny_with_tokenizer, tmp_path, monkeypa
     monkeypatch.setattr(M, "generate", fixed_answers)
     E.main([f"--model={path}", f"--data={tmp_path / 'eval.jsonl'}", "--k=3", "--dtype=float32",
             f"--out={tmp_path / 'out'}"])
-    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    summary = json.load(open(tmp_path / "out" / "eval" / "summary.json"))
     lengths = [len(tokenizer.encode(t)) + done for p in texts for t, done in
                zip(texts[p], finished.get(p, [True] * 3))]
     assert summary["avg_at_k"] == pytest.approx((3 / 3 + 1 / 3 + 0 / 3) / 3)
@@ -1007,7 +1026,7 @@ def test_evaluation_with_a_known_outcome(tiny_with_tokenizer, tmp_path, monkeypa
     assert summary["pass_at_k"] == pytest.approx((1 + 1 + 0) / 3)
     assert summary["truncation_rate"] == pytest.approx(1 / 9)
     assert summary["mean_length"] == pytest.approx(sum(lengths) / 9)
-    samples = [json.loads(line) for line in open(tmp_path / "out" / "samples.jsonl")]
+    samples = [json.loads(line) for line in open(tmp_path / "out" / "eval" / "samples.jsonl")]
     assert [s["reward"] for s in samples] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
     assert "Avg@3" in capsys.readouterr().out
 
@@ -1031,16 +1050,17 @@ def test_eval_command_line(tiny_with_tokenizer, tmp_path):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "Avg@2" in result.stdout
-    assert len(open(tmp_path / "out" / "samples.jsonl").readlines()) == 6
-    assert json.load(open(tmp_path / "out" / "summary.json"))["n_problems"] == 3
-    assert open(tmp_path / "out" / "summary.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert len(open(tmp_path / "out" / "eval" / "samples.jsonl").readlines()) == 6
+    assert json.load(open(tmp_path / "out" / "eval" / "summary.json"))["n_problems"] == 3
+    assert open(tmp_path / "out" / "eval" / "summary.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # two ranks (gloo) split the problems, each sampling with the seed it has in one process: the same samples
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "eval.py", f"--model={path}", f"--data={tmp_path / 'eval.jsonl'}", "--k", "2",
                              "--max_new_tokens=4", f"--out={tmp_path / 'out2'}"], capture_output=True, text=True,
                             cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert open(tmp_path / "out2" / "samples.jsonl").read() == open(tmp_path / "out" / "samples.jsonl").read()
+    assert open(tmp_path / "out2" / "eval" / "samples.jsonl").read() == \
+        open(tmp_path / "out" / "eval" / "samples.jsonl").read()
 
 
 # ---- pbsd.py: the training loop
@@ -1110,7 +1130,7 @@ def test_runs_started_in_the_same_second_are_both_kept(tiny_with_tokenizer, trai
     trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path))
     for run in range(3):
         _write(tmp_path / "metrics.jsonl", f"run {run}")
-        trainer.start_out_dir()  # moves the run before it to earlier_runs/
+        E.start_run_log(str(tmp_path), 0, {})  # moves the run before it to earlier_runs/
     kept = sorted(open(p / "metrics.jsonl").read() for p in (tmp_path / "earlier_runs").iterdir())
     assert kept == ["run 0", "run 1", "run 2"]
 
@@ -1128,34 +1148,44 @@ def test_grad_clip_zero_is_no_clipping(tiny_with_tokenizer, train_file, tmp_path
     assert not all(torch.equal(after[0.0][n], after[1e-3][n]) for n in after[0.0])
 
 
-def test_greedy_accuracy_against_transformers_greedy_answers(tiny_with_tokenizer, monkeypatch):
+def test_evaluation_greedy_accuracy_against_transformers_greedy_answers(tiny_with_tokenizer, train_file, tmp_path,
+                                                                        monkeypatch):
     """
-    E.greedy_accuracy grades one greedy answer per problem after each role's own prompt: with a reward that
-    accepts exactly transformers' greedy continuation, and only on every other problem, it is one half.
+    Every evaluation of the loop grades one greedy answer per problem after each role's own prompt, beside Avg@k:
+    with a reward that accepts exactly transformers' greedy continuation, and only on every other problem, the
+    student's and the frozen teacher's greedy accuracies are one half.
     """
     import transformers
     path, tokenizer = tiny_with_tokenizer
-    ours = M.load_qwen3(path, dtype=torch.float32)
     hf = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    config = pbsd.Config(student_template="{problem} Answer:", teacher_template="{problem} See: {solution}",
-                         max_new_tokens=6)
     examples = data.synthetic_math(6, seed=4)
-    for role, make_prompt, template in (("student", data.student_prompt, config.student_template),
-                                        ("teacher", data.teacher_prompt, config.teacher_template)):
-        accepted = {}
-        for i, example in enumerate(examples[::2]):
+    held_out = _write(tmp_path / "held_out.jsonl", "".join(json.dumps({"problem": e.problem, "solution": e.solution,
+                                                                         "answer": e.answer}) + "\n" for e in examples))
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, eval_data=held_out, eval_k=2,
+                                         student_template="{problem} Answer:",
+                                         teacher_template="{problem} See: {solution}"))
+    accepted = {}
+    for role, make_prompt, template in (("student", data.student_prompt, trainer.config.student_template),
+                                        ("teacher", data.teacher_prompt, trainer.config.teacher_template)):
+        for example in examples[::2]:
             prompt = make_prompt(example, tokenizer, False, template)
             tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                                  eos_token_id=list(tokenizer.eos_ids), pad_token_id=0)[0, len(prompt):].tolist()
-            accepted[example.problem] = tokenizer.decode(tokens)
-        monkeypatch.setattr(data, "reward", lambda example, text: float(accepted.get(example.problem) == text))
-        assert E.greedy_accuracy(ours, tokenizer, examples, config, role) == 0.5, role
+            accepted[role, example.problem] = tokenizer.decode(tokens)
+    graded = []
+    monkeypatch.setattr(data, "reward", lambda example, text: graded.append(text) or float(text in (
+        accepted.get(("student", example.problem)), accepted.get(("teacher", example.problem)))))
+    trainer.evaluate()
+    result = trainer.history[0]
+    assert (result["eval_greedy_accuracy"], result["teacher_greedy_accuracy"]) == (0.5, 0.5)
+    assert len(graded) == 2 * (6 * 2 + 6)  # each role: Avg@2 and a greedy answer of each problem
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT asks it
 @pytest.mark.parametrize("loss,options", [
     ("pbsd", dict(pbsd_label="reward")), ("pbsd", dict(pbsd_label="teacher", length_norm=True)), ("opsd", {}),
-    ("opsd", dict(beta_jsd=0.3, jsd_token_clip=0.1)), ("opsd_sampled", {}), ("sft", {}), ("grpo", {})])
+    ("opsd", dict(beta_jsd=0.3, jsd_token_clip=0.1)), ("opsd", dict(beta_jsd=0.0, jsd_term_clip=0.02, top_k=20)),
+    ("opsd_sampled", {}), ("sft", {}), ("grpo", {})])
 def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, train_file, tmp_path, monkeypatch,
                                                          loss, options):
     """
@@ -1203,7 +1233,7 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
         def score(k, y):  # s(y) = log pi_theta(y) - log pi_T(y), per token with length_norm
             s = picked(logp(student, student_prompts[k], y), y).sum() - picked(logp(teacher, teacher_prompts[k], y), y).sum()
             return s / len(y) if options.get("length_norm") else s
-        pair_losses = []
+        pair_losses, below = [], []
         for k in range(len(batch)):
             for plus in of(k, "teacher"):
                 for minus in of(k, "student"):
@@ -1211,8 +1241,13 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
                     z = (torch.sigmoid(torch.tensor(plus.reward - minus.reward, dtype=torch.float64))
                          if options["pbsd_label"] == "reward" else torch.tensor(1.0, dtype=torch.float64))
                     pair_losses.append(-(z * F.logsigmoid(margin) + (1 - z) * F.logsigmoid(-margin)))
+                    # the margin at which the pair's loss is least: the reward gap, or none for z = 1
+                    below.append(options["pbsd_label"] == "teacher" or margin < plus.reward - minus.reward)
         assert len(pair_losses) == 16
         expected = torch.stack(pair_losses).mean()
+        logged_below = json.loads(open(tmp_path / "metrics.jsonl").readline())["margin_below_target"]
+        assert logged_below == pytest.approx(sum(map(bool, below)) / 16)
+        assert options["pbsd_label"] == "teacher" or 0 < logged_below < 1
     elif loss == "grpo":  # each rollout's reward against its prompt's two, over the group's (unbiased) std
         per_token = []
         for k in range(len(batch)):
@@ -1223,13 +1258,18 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
         assert any(len({r.reward for r in of(k, "student")}) > 1 for k in range(4))  # a group whose rewards differ
         expected = torch.cat(per_token).mean()
     else:
-        b, clip = options.get("beta_jsd", 0.5), options.get("jsd_token_clip", 0)
+        b, clip, term_clip = options.get("beta_jsd", 0.5), options.get("jsd_token_clip", 0), options.get("jsd_term_clip", 0)
         per_token, unclipped = [], []
         for k in range(len(batch)):
             for rollout in of(k, "student"):
                 S = logp(student, student_prompts[k], rollout.tokens)
                 T = logp(teacher, teacher_prompts[k], rollout.tokens)
-                if loss == "opsd":  # JSD_b from the probabilities: b KL(T || M) + (1 - b) KL(S || M), clipped
+                if loss == "opsd" and term_clip:  # each (token, entry) term of KL(T || S) clipped, then summed
+                    terms = T.exp() * (T - S)
+                    per_token.append(terms.clamp(max=term_clip).sum(-1))
+                    unclipped.append(terms.flatten())
+                    clip = term_clip
+                elif loss == "opsd":  # JSD_b from the probabilities: b KL(T || M) + (1 - b) KL(S || M), clipped
                     mixture = (b * T.exp() + (1 - b) * S.exp()).log()
                     jsd = b * (T.exp() * (T - mixture)).sum(-1) + (1 - b) * (S.exp() * (S - mixture)).sum(-1)
                     per_token.append(jsd.clamp(max=clip) if clip else jsd)
@@ -1238,7 +1278,7 @@ def test_step_loss_equals_its_definition_on_transformers(tiny_with_tokenizer, tr
                     advantage = picked(T, rollout.tokens) - picked(S, rollout.tokens)
                     per_token.append(-advantage * picked(S, rollout.tokens))
         assert len({len(t) for t in per_token}) > 1  # rollouts of different lengths: a token mean weighs them
-        if clip:  # the clip changes some tokens, not all
+        if clip:  # the clip changes some tokens (some terms, with the term clip), not all
             assert (torch.cat(unclipped) > clip).any() and (torch.cat(unclipped) < clip).any()
         expected = torch.cat(per_token).mean()
     assert logged == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
@@ -1519,7 +1559,7 @@ def test_out_of_memory_says_what_to_lower(tiny_with_tokenizer, train_file, tmp_p
         with pytest.raises(pbsd.TrainingError, match=r"^evaluation at step 1: out of GPU memory \(.*\); the "
                                                      r"evaluation's KV cache is what to lower: a call samples "
                                                      r"--micro_batch_size x --eval_k = 24 rows of up to 6 new tokens; "
-                                                     r"lower --micro_batch_size or --eval_max_new_tokens. " + kept):
+                                                     r"lower either. " + kept):
             trainer.evaluate()
 
 
@@ -1539,11 +1579,12 @@ def test_an_evaluation_releases_its_cache_before_training_resumes(tiny_with_toke
         storages.append((n_rows, weakref.ref(M._kv_storage[(device, dtype)])))
         return caches
     monkeypatch.setattr(M, "kv_caches", recorded_caches)
-    trainer.evaluate()  # 4 problems x 4 samples of the student, then of the teacher, in calls of 2 problems
-    assert [n for n, _ in storages] == [8] * 4 and all(storage() is None for _, storage in storages)
+    # 4 problems x 4 samples in calls of 2 problems, then a greedy answer each in one call: the student, the teacher
+    trainer.evaluate()
+    assert [n for n, _ in storages] == [8, 8, 4] * 2 and all(storage() is None for _, storage in storages)
     storages.clear()
     trainer.train()  # the student's evaluation, then each step's rollouts (2 prompts x 2 roles) and evaluation
-    assert [n for n, _ in storages] == [8, 8, 4, 8, 8, 4, 8, 8]
+    assert [n for n, _ in storages] == [8, 8, 4] + [4, 8, 8, 4] * 2
     assert all(storage() is None for _, storage in storages)
     straight = pbsd.Trainer(_train_config(path, train_file, tmp_path / "straight", steps=2))
     straight.train()  # no evaluation: the same rollouts and updates
@@ -1639,7 +1680,7 @@ def test_an_adapter_trained_on_some_projections_evaluated_through_eval_py(tiny_w
                                              for e in examples))
     E.main([f"--model={path}", f"--lora={checkpoint}", f"--data={tmp_path / 'eval.jsonl'}", "--k=1",
             "--temperature=0", "--max_new_tokens=8", "--dtype=float32", f"--out={tmp_path / 'out'}"])
-    answered = [json.loads(line)["response"] for line in open(tmp_path / "out" / "samples.jsonl")]
+    answered = [json.loads(line)["response"] for line in open(tmp_path / "out" / "eval" / "samples.jsonl")]
     base = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     student = peft.PeftModel.from_pretrained(transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32),
                                              checkpoint).eval()
@@ -1668,7 +1709,7 @@ def test_a_tool_use_step_with_thinking_on(tmp_path, monkeypatch):
     tokenizer = data.train_tokenizer(texts * 20, 400, str(tmp_path / "model"))
     make_checkpoint(tmp_path / "model", vocab_size=tokenizer.tokenizer.get_vocab_size(), max_position_embeddings=512)
     trainer = pbsd.Trainer(_train_config(str(tmp_path / "model"), train, tmp_path / "out", task="tool",
-                                         thinking=True))
+                                         thinking=True, teacher_thinking=True))
     prompts, end = [], tokenizer.encode(data.IM_END)
 
     def fixed_rollouts(model, prompt_ids, max_new_tokens, num_samples, adapters, **kwargs):
@@ -1684,6 +1725,102 @@ def test_a_tool_use_step_with_thinking_on(tmp_path, monkeypatch):
         assert ("Reference Solution Begin" in prompt) == (i >= 2)
     logged = json.loads(open(tmp_path / "out" / "metrics.jsonl").readline())
     assert (logged["teacher_reward"], logged["student_reward"]) == (1.0, 0.0) and math.isfinite(logged["loss"])
+
+
+def hub_cache(hf_home, repo_type, name, files):
+    """Lays out one repository of a Hugging Face Hub cache as huggingface_hub keeps it under HF_HOME: refs/main names
+    the commit whose snapshot folder holds the files (relative path -> source file)."""
+    import shutil
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = Path(hf_home) / "hub" / f"{repo_type}s--{name.replace('/', '--')}"
+    for relative, source in files.items():
+        (repository / "snapshots" / commit / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, repository / "snapshots" / commit / relative)
+    (repository / "refs").mkdir(parents=True, exist_ok=True)
+    (repository / "refs" / "main").write_text(commit)
+
+
+def test_hub_names_resolve_in_an_offline_cache(tiny_with_tokenizer, published_sets, tmp_path):
+    """
+    pbsd.py's --model, --data and --eval_data, and eval.py's --model, --lora and --data, by Hub name, read from a Hub
+    cache laid out in a temporary folder with HF_HUB_OFFLINE=1, so that nothing is downloaded; the adapter names its
+    base by its Hub name. An unknown name fails with a message that names it, and no traceback.
+    """
+    import subprocess
+    path, _ = tiny_with_tokenizer
+    root, train, held_out = published_sets
+    hf_home = tmp_path / "hf"
+    hub_cache(hf_home, "model", "tiny/qwen3", {name: os.path.join(path, name) for name in os.listdir(path)})
+    hub_cache(hf_home, "dataset", "siyanzhao/opsd", {f"data/{p.name}": p for p in (root / "opsd" / "data").iterdir()})
+    hub_cache(hf_home, "dataset", "HuggingFaceH4/aime_2024", {"data/train-00000-of-00001.parquet": root / "aime24.parquet"})
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    run = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env)
+    small = ["--dtype=float32", "--compile=false", "--steps=1", "--batch_size=2", "--micro_batch_size=2",
+             "--max_new_tokens=6", "--lora_rank=4", "--eval_k=1", "--eval_every=1", "--save_every=1"]
+    result = run("pbsd.py", "--model=tiny/qwen3", "--data=siyanzhao/opsd", "--eval_data=HuggingFaceH4/aime_2024",
+                 f"--out_dir={tmp_path / 'run'}", *small)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluations = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if "eval_n_problems" in line]
+    assert [e["eval_n_problems"] for e in evaluations] == [len(held_out)] * 2
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000001"
+    assert json.load(open(checkpoint / "adapter_config.json"))["base_model_name_or_path"] == "tiny/qwen3"
+    hub_cache(hf_home, "model", "tiny/adapter", {name: checkpoint / name for name in
+                                                 ("adapter_config.json", "adapter_model.safetensors")})
+    result = run("eval.py", "--model=tiny/qwen3", "--lora=tiny/adapter", "--data", "HuggingFaceH4/aime_2024",
+                 "--k=1", "--max_new_tokens=4", "--dtype=float32", f"--out={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(tmp_path / "eval" / "aime_2024" / "summary.json"))["n_problems"] == len(held_out)
+    for args, name in ((["pbsd.py", "--model=nobody/nothing", "--data=siyanzhao/opsd"], "nobody/nothing: neither a "
+                        "local path nor a Hub model"),
+                       (["pbsd.py", "--model=tiny/qwen3", "--data=nobody/set", f"--out_dir={tmp_path / 'x'}", *small],
+                        "nobody/set: neither a local path nor a Hub dataset"),
+                       (["eval.py", "--model=tiny/qwen3", "--data", "nobody/set"], "nobody/set: neither")):
+        result = run(*args)
+        assert result.returncode != 0 and name in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_recipes_parse_and_each_runs_a_step(tiny_with_tokenizer, train_file, tmp_path):
+    """
+    Every recipe in config/ parses and names a model; one step of each, its model and data overridden to a tiny local
+    checkpoint and set, and its sizes cut down, runs. A flag overrides the recipe; a bad recipe names itself.
+    """
+    path, _ = tiny_with_tokenizer
+    recipes = sorted(Path(REPO, "config").glob("*.py"))
+    assert len(recipes) >= 4
+    small = [f"--model={path}", f"--data={train_file}", "--eval_data=", "--dtype=float32", "--compile=false",
+             "--steps=1", "--batch_size=2", "--micro_batch_size=2", "--max_new_tokens=6", "--lora_rank=4",
+             "--save_every=0"]
+    for recipe in recipes:
+        config = pbsd.parse_args([str(recipe)])
+        assert config.model.startswith("Qwen/Qwen3-") and config.lora_rank == 64, recipe
+        overridden = pbsd.parse_args([str(recipe), *small, f"--out_dir={tmp_path / recipe.stem}"])
+        assert (overridden.model, overridden.steps, overridden.loss) == (path, 1, config.loss)
+        trainer = pbsd.Trainer(overridden)
+        trainer.train()
+        assert math.isfinite(json.loads(open(tmp_path / recipe.stem / "metrics.jsonl").readline())["loss"]), recipe
+    _write(tmp_path / "bad.py", "lr = 1e-5\nlearning_rate = 3\n")
+    with pytest.raises(pbsd.ConfigError, match="bad.py: 'learning_rate' is not a config key"):
+        pbsd.parse_args([str(tmp_path / "bad.py")])
+    _write(tmp_path / "typed.py", "steps = 'many'\n")
+    with pytest.raises(pbsd.ConfigError, match="typed.py: --steps expects int, got 'many'"):
+        pbsd.parse_args([str(tmp_path / "typed.py")])
+    with pytest.raises(pbsd.ConfigError, match="missing.py: not a readable recipe .*FileNotFoundError"):
+        pbsd.parse_args([str(tmp_path / "missing.py")])
+
+
+def test_the_toy_world_under_torchrun(tmp_path):
+    """torchrun --nproc_per_node 2 pbsd.py with no --model: rank 0 builds the toy world while the other waits, and
+    both train it, two CPU processes."""
+    import subprocess
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "pbsd.py", f"--out_dir={tmp_path}", "--toy_warm_start_steps=4", "--steps=2",
+                             "--eval_every=2", "--eval_problems=4", "--eval_k=2", "--save_every=2"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("building the toy world") == 1
+    assert "PBSD (label reward, beta 0.5) in the worked toy world on 4 held-out problems, 2 steps" in result.stdout
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl") if "loss" in line] == [1, 2]
 
 
 def test_config_parsing():
@@ -1779,33 +1916,129 @@ def test_toy_world_cache_follows_its_recipe(tmp_path, capsys):
     assert recipe["warm_start"]["steps"] == 5 and recipe["task"]["max_value"] == pbsd.TOY_WORLDS["worked"]["max_value"]
 
 
+def test_the_warm_start_trains_the_output_head():
+    """
+    The toy warm start's loss (pbsd.sft_loss) gives the output head the gradient of the naive float64 loss; the loss
+    kernels the loop uses give it none, by their contract (LoRA never trains the head).
+    """
+    model = M.Qwen3(M.Qwen3Config(**{**TINY, "tie_word_embeddings": False}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.1)
+    prompts, responses = _prompts([5, 7, 3]), _prompts([2, 4, 3], seed=1)
+    pbsd.sft_loss(model, prompts, responses).backward()
+    hidden, targets, _ = pbsd.response_hidden(model, prompts, responses)
+    weight = model.lm_head.weight.detach().double().requires_grad_()
+    naive = -(hidden.detach().double() @ weight.T).log_softmax(-1).gather(-1, targets[:, None]).mean()
+    naive.backward()
+    assert weight.grad.abs().max() > 1e-3
+    assert torch.allclose(model.lm_head.weight.grad.double(), weight.grad, rtol=1e-4, atol=1e-7)
+    model.zero_grad(set_to_none=True)
+    hidden, targets, _ = pbsd.response_hidden(model, prompts, responses)
+    K.token_logprobs(hidden, model.lm_head_weight, targets).sum().backward()
+    assert model.lm_head.weight.grad is None and model.embed_tokens.weight.grad is not None
+
+
+def test_a_toy_world_builds_the_same_whatever_the_thread_count(tmp_path):
+    """The warm start runs on a fixed number of threads, which fixes the order of its sums: one world, byte for byte."""
+    built = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            config = pbsd.parse_args([f"--out_dir={tmp_path / str(threads)}", "--toy_warm_start_steps=4"])
+            built.append((Path(pbsd.build_toy_world(config)) / "model.safetensors").read_bytes())
+            assert torch.get_num_threads() == threads  # given back after the warm start
+    finally:
+        torch.set_num_threads(2)
+    assert built[0] == built[1]
+
+
+def test_toy_target_accuracy_against_its_closed_form(tiny_with_tokenizer, train_file, tmp_path):
+    """
+    pbsd.toy_target_accuracy: per problem p = pi_T(\\boxed{answer} and the end of the turn | the teacher prompt),
+    here from transformers' float64 logits at temperature 0.9 (the student's adapters, switched off, must not count),
+    and pi*(right) = p e^(1/beta) / (p e^(1/beta) + 1 - p), averaged.
+    """
+    import transformers
+    path, tokenizer = tiny_with_tokenizer
+    trainer = pbsd.Trainer(_train_config(path, train_file, tmp_path, eval_data=train_file, eval_problems=5, beta=0.7,
+                                         temperature=0.9))
+    with torch.no_grad():
+        for p in trainer.lora_params:
+            p.normal_(std=0.1)
+    target, teacher_p = pbsd.toy_target_accuracy(trainer)
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    p = []
+    for example in trainer.eval_examples:
+        prompt = data.teacher_prompt(example, tokenizer)
+        response = tokenizer.encode(f"\\boxed{{{example.answer}}}{data.IM_END}")
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + response])).logits[0].double() / 0.9
+        picked = logits[len(prompt) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(response)[:, None])
+        p.append(picked.sum().exp())
+    p, boost = torch.stack(p), math.exp(1 / 0.7)
+    assert teacher_p == pytest.approx(p.mean().item(), rel=1e-4)
+    assert target == pytest.approx((p * boost / (p * boost + 1 - p)).mean().item(), rel=1e-4)
+
+
 def test_toy_worlds_give_the_teacher_what_they_say():
-    """worked: the worked solution, ending in the answer; candidates: the answer and a decoy, in random order."""
+    """
+    worked: the worked solution, ending in the answer. candidates and mistakes: the answer and a decoy, in random
+    order; in candidates the decoy is drawn for each row, in mistakes the problem's operation chooses it, so that
+    the same operation always comes with the same decoy.
+    """
     for example, taught in data.toy_examples("worked", 20, seed=3, steps=(1, 1), max_value=40):
         assert data.last_boxed(example.solution) == example.answer and taught == [example.answer]
-    examples = data.toy_examples("candidates", 200, seed=3, steps=(1, 1), max_value=40)
-    for example, taught in examples:
-        shown = re.findall(r"\d+", example.solution)
-        assert shown == taught and example.answer in taught and len(set(taught)) == 2
-        assert int(max(taught, key=lambda n: n != example.answer)) - int(example.answer) in data.DECOYS
-    assert 0.35 < sum(taught[0] == example.answer for example, taught in examples) / len(examples) < 0.65
-    again = data.toy_examples("candidates", 200, seed=3, steps=(1, 1), max_value=40)
-    assert [e for e, _ in examples] == [e for e, _ in again]
+    decoys_per_operation = {}
+    for world in ("candidates", "mistakes"):
+        examples = data.toy_examples(world, 400, seed=3, steps=(1, 1), max_value=40)
+        decoys = {}  # an operation (the problem's numbers and its result) -> the decoy of each row that asks it
+        for example, taught in examples:
+            shown = re.findall(r"\d+", example.solution)
+            assert shown == taught and example.answer in taught and len(set(taught)) == 2
+            decoy = next(n for n in taught if n != example.answer)
+            assert int(decoy) - int(example.answer) in data.DECOYS
+            decoys.setdefault((*re.findall(r"\d+", example.problem), example.answer), []).append(decoy)
+        assert 0.35 < sum(taught[0] == example.answer for example, taught in examples) / len(examples) < 0.65
+        again = data.toy_examples(world, 400, seed=3, steps=(1, 1), max_value=40)
+        assert [e for e, _ in examples] == [e for e, _ in again]
+        decoys_per_operation[world] = [len(set(rows)) for rows in decoys.values() if len(rows) > 1]
+        assert len(decoys_per_operation[world]) >= 10  # operations that several rows ask
+    assert max(decoys_per_operation["mistakes"]) == 1 and max(decoys_per_operation["candidates"]) > 1
 
 
-def test_bench_toy_reports_avg_and_greedy_accuracy(tmp_path, capsys):
-    """bench.py toy, cut to one 2-step run: the table with its greedy column, the plot, the results file."""
+def test_the_toy_protocol_in_small(tmp_path, capsys):
+    """
+    bench.py toy cut down: one world measured before any objective (the teacher's and the reward-reweighted
+    teacher's accuracy beside the student's), a sweep of two rates on seed 0 whose better final Avg@k picks the rate,
+    a second seed at it, and the longer budget where the world asks for it; then the protocol again, which finds every
+    run finished and runs none.
+    """
     import bench
-    bench.bench_toy([("SFT", ["--loss=sft", "--steps=2", "--eval_every=1", "--eval_problems=4", "--eval_k=2"])],
-                    out_dir=str(tmp_path), seeds=(0,), world_args=["--toy_warm_start_steps=4"])
-    printed = capsys.readouterr().out
-    assert "greedy accuracy (one answer at temperature 0)" in printed and "greedy after" in printed
-    assert (tmp_path / "comparison.png").stat().st_size > 10_000
-    assert json.load(open(next(tmp_path.glob("toy_base_*")) / "warm_start.json"))["recipe"]["warm_start"]["steps"] == 4
-    for run in json.load(open(tmp_path / "results.json"))["SFT"]:
-        assert [h["step"] for h in run] == [0, 1, 2]
-        assert 0 <= run[0]["greedy_accuracy"] <= 1 and 0 <= run[-1]["greedy_accuracy"] <= 1
-        assert 0 <= run[0]["teacher_greedy_accuracy"] <= 1
+    objectives = [("SFT", ["--loss=sft", "--eval_problems=4", "--eval_k=2"])]
+    protocol = lambda: bench.bench_toy(worlds=("candidates",), out_dir=str(tmp_path), workers=2, objectives=objectives,
+                                       lrs=(1e-3, 3e-3), seeds=(0, 1), steps=2, world_args=["--toy_warm_start_steps=4",
+                                       "--eval_problems=4", "--eval_k=2"],
+                                       long=dict(worlds=("candidates",), steps=3, objectives=objectives))
+    protocol()
+    result = json.load(open(tmp_path / "results.json"))["candidates"]
+    world = result["world"]
+    assert 0 <= world["eval_avg_at_k"] <= 1 and 0 <= world["target_accuracy"] <= 1
+    assert world["teacher_p_right"] <= world["target_accuracy"] + 1e-9  # reweighting toward reward only helps
+    sweep = result["sweep"]
+    assert sorted(sweep) == ["SFT lr 0.001", "SFT lr 0.003"]
+    best = max((1e-3, 3e-3), key=lambda lr: sweep[f"SFT lr {lr:g}"][-1]["eval_avg_at_k"])
+    assert result["chosen_lr"] == {"SFT": best}
+    assert sorted(result["runs"]) == ["SFT, 2 steps", "SFT, 3 steps"]
+    for label, runs in result["runs"].items():
+        assert len(runs) == 2 and all(run[-1]["step"] == int(label.split(", ")[1].split()[0]) for run in runs)
+        assert all("eval_greedy_accuracy" in h for run in runs for h in run)
+    assert runs[0][-1] != runs[1][-1]  # two seeds
+    printed = capsys.readouterr()
+    assert "reward-reweighted teacher" in printed.out and "candidates: the sweep, final held-out Avg@2" in printed.out
+    assert (tmp_path / "candidates.png").stat().st_size > 10_000 and (tmp_path / "sweep.png").stat().st_size > 10_000
+    protocol()
+    assert "runs done" not in capsys.readouterr().err  # every run was finished: none ran again
 
 
 # ---- on a GPU only (skipped on the CPU machine): the compiled and CUDA-graph paths

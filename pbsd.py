@@ -671,7 +671,7 @@ def main(argv):
             build_toy_world(config)
         if dist.is_initialized():
             dist.barrier()
-        toy_world(config)
+        build_toy_world(config)  # built now: points config at the world
     trainer = Trainer(config)
     history = trainer.train()
     if toy and trainer.rank == 0:  # the reward-reweighted teacher, beside the frozen teacher on the plot
@@ -706,23 +706,15 @@ TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024, threads=2)
 # and warm start that make the world test what it is for. worked: a student still learning, beside a teacher that
 # copies the answer. candidates and mistakes: a teacher right about half the time on every problem, above a student
 # still learning to add, so that the reward-reweighted target lies above the teacher.
-TOY_WORLDS = {"worked": dict(max_value=10, warm_start_steps=600),
+TOY_WORLDS = {"worked": dict(max_value=10, warm_start_steps=400),
               "candidates": dict(max_value=40, warm_start_steps=1600),
-              "mistakes": dict(max_value=40, warm_start_steps=1600)}
-
-
-def toy_world(config):
-    """Points config at the toy world's checkpoint (built and cached on first use) and at its problems."""
-    config.model = build_toy_world(config)
-    config.data = config.data or os.path.join(config.model, "train.jsonl")
-    config.eval_data = config.eval_data or os.path.join(config.model, "held_out.jsonl")
-    return config
+              "mistakes": dict(max_value=40, warm_start_steps=1500)}
 
 
 def build_toy_world(config):
     """Writes out_dir/toy_base_<recipe>, an HF checkpoint folder warm-started by SFT, with its training and held-out
-    problems (train.jsonl, held_out.jsonl), and returns its path. The name hashes everything the world follows from but
-    the seed, so a run of the same recipe reuses the folder, and one of another builds its own."""
+    problems (train.jsonl, held_out.jsonl); points config's model and data at them and returns the path. The name
+    hashes everything the world follows from but the seed: a run of the same recipe reuses the folder."""
     world = TOY_WORLDS[config.toy_world]
     task = dict(steps=(1, 1), max_value=world["max_value"])
     steps = config.toy_warm_start_steps or world["warm_start_steps"]
@@ -730,6 +722,9 @@ def build_toy_world(config):
                          "decoys": data.DECOYS, "model": TOY_MODEL, "warm_start": {**TOY_WARM_START, "steps": steps},
                          "templates": [config.student_template, config.teacher_template]}, sort_keys=True)
     path = os.path.join(config.out_dir, "toy_base_" + hashlib.sha1(recipe.encode()).hexdigest()[:10])
+    config.model = path  # the loop reads the world as it reads any checkpoint and data sets
+    config.data, config.eval_data = (config.data or os.path.join(path, "train.jsonl"),
+                                     config.eval_data or os.path.join(path, "held_out.jsonl"))
     if os.path.exists(path):
         return path
     print(f"[toy] building the toy world in {path} (cached for the next run)", file=sys.stderr)

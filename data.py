@@ -55,7 +55,7 @@ FIELD_NAMES = {"problem": ("problem", "question", "Problem", "Question"),
 HUB_FILES = {"model": ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                        "model.safetensors", "model-*.safetensors", "model.safetensors.index.json"],
              "adapter": ["adapter_config.json", "adapter_model.safetensors"],
-             "dataset": [f"*{suffix}" for suffix in (".parquet", ".jsonl", ".json")]}
+             "dataset": ["*.parquet", "*.jsonl", "*.json"]}
 
 
 def local_path(spec, kind):
@@ -68,7 +68,7 @@ def local_path(spec, kind):
         return snapshot_download(spec, repo_type="dataset" if kind == "dataset" else "model",
                                  allow_patterns=HUB_FILES[kind])
     except Exception as e:  # not on the Hub, not in the cache offline, no network, no access: each says why
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise DataError(f"{spec}: neither a local path nor a Hub {kind} that could be fetched ({reason})") from None
 
 
@@ -358,13 +358,11 @@ DECOYS = (-20, -10, -3, -2, -1, 1, 2, 3, 10, 20)
 
 def toy_examples(world, n, seed, **task):
     """n problems of synthetic_math(**task), each with its world's reference and the answers the teacher is taught.
-    worked: the worked solution, whose result the teacher copies, so it is right on nearly every problem.
-    candidates: "The result is a or b.", the answer and a decoy drawn for the row, in random order, either of which
-    it learns to give, so it is right about half the time on every problem; there the reward-reweighted target
-    pi_T exp(r / beta) / Z lies above the teacher (at beta 0.5, pi*(right) = 0.88).
-    mistakes: the same, but the decoy is the problem's own (its operation's numbers choose it): the same mistake
-    wherever the problem appears, so the target depends on the problem alone, as a student that never reads the
-    reference can follow."""
+    worked: the worked solution, whose result the teacher copies: it is right on nearly every problem. candidates:
+    "The result is a or b.", the answer and a decoy drawn for the row, in random order, either of which it learns to
+    give: right about half the time on every problem, below the reward-reweighted target pi_T exp(r / beta) / Z (at
+    beta 0.5, pi*(right) = 0.88). mistakes: the same, with the problem's own decoy (its operation chooses it): the
+    target then depends on the problem alone, which a student that never reads the reference can follow."""
     rng, examples = random.Random(seed), []
     for example in synthetic_math(n, seed=seed, **task):
         taught = [example.answer]

@@ -7,9 +7,8 @@ Avg@k evaluation: k sampled answers per problem with the project's sampler, grad
 
 A model, adapter or set may be a local path or a Hugging Face Hub name (Qwen/Qwen3-1.7B, HuggingFaceH4/aime_2024).
 
-Each problem samples with its own seed (the i-th child of --seed), so the results do not depend on the number
-of ranks or on --batch_size. Avg@k is the mean over problems of (correct samples / k). pass@k uses the unbiased
-estimator of Chen et al. (2021), 1 - C(n - c, k) / C(n, k) with n samples of which c are correct.
+Avg@k is the mean over problems of (correct samples / k). pass@k uses the unbiased estimator of Chen et al. (2021),
+1 - C(n - c, k) / C(n, k) with n samples of which c are correct. A problem samples with its own seed.
 
 The training run's reporting and plumbing live here too (its per-step metrics, progress line, plot and table;
 setup_distributed): pbsd.py imports this file for its evaluations, and both command lines share them.
@@ -70,12 +69,10 @@ class Progress:
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, *, k=12, temperature=1.0, top_p=1.0, max_new_tokens=2048, batch_size=64,
              thinking=False, template=None, role="student", seed=None, compile=False, show_progress=True):
-    """Samples k answers per problem and grades them; batch_size counts sampled rows (a sampler call holds
-    max(1, batch_size // k) problems). seed: one number, or one per problem; problem i's samples depend on its own
-    seed only (the i-th child of a single seed), so the results depend neither on batch_size nor on how the problems
-    are split across ranks. compile: the sampler's decode step compiled (on CUDA replayed as CUDA graphs), as in
-    generate. role "teacher" prompts with the reference solution (wrap the call in adapters_off for the frozen
-    teacher). Returns a summary dict with per-problem results."""
+    """Samples k answers a problem and grades them: a summary with per-problem results. batch_size counts sampled
+    rows; seed is one number (problem i takes its i-th child) or one a problem, so the results depend neither on
+    batch_size nor on the ranks' split; compile as in generate. role "teacher" prompts with the reference solution
+    (wrap the call in adapters_off for the frozen teacher)."""
     make_prompt = data.teacher_prompt if role == "teacher" else data.student_prompt
     problems_per_call = max(1, batch_size // k)
     progress = Progress(len(examples), f"eval {role}", show_progress)
@@ -264,8 +261,7 @@ def plot_run(metrics_path, png_path):
 
 
 def print_run_table(trainer, seconds, toy_world="", target=None):
-    """The run's first and last held-out evaluations side by side: Avg@k and greedy accuracy, which beside it says
-    whether the student lacks the answer or only spreads mass off it; the frozen teacher's, and in a toy world the
+    """The run's first and last held-out evaluations side by side, with the frozen teacher's, and in a toy world the
     reward-reweighted teacher's accuracy (target, as logged)."""
     config, history = trainer.config, trainer.history
     before, after = history[0], history[-1]
@@ -293,10 +289,9 @@ def print_run_table(trainer, seconds, toy_world="", target=None):
 
 
 def start_run_log(out_dir, step, config):
-    """A run starting at step 0 moves an earlier run's files in out_dir (log, plot, config, checkpoints) to a new
-    out_dir/earlier_runs/<time>-<random>/, so that runs never mix and a later --resume never picks up another run,
-    and nothing is deleted; a run resumed at a step keeps the log lines up to it (it runs the later ones again) and
-    drops a line cut short by a kill. Writes the run's config.json."""
+    """A run starting at step 0 moves an earlier run's files in out_dir to a new out_dir/earlier_runs/<time>-<random>/:
+    runs never mix, --resume never picks up another run, nothing is deleted. A run resumed at a step keeps the log
+    lines up to it (it runs the later ones again) and drops a line cut short by a kill. Writes config.json."""
     metrics = os.path.join(out_dir, "metrics.jsonl")
     earlier = [n for n in ("metrics.jsonl", "learning_curve.png", "config.json", "checkpoints")
                if step == 0 and os.path.exists(os.path.join(out_dir, n))]
@@ -350,10 +345,8 @@ def summary_line(m):
     return " ".join(form.format(m[key]) for key, form in shown if key in m)
 
 
-def set_name(spec):
-    """A name for a set's row and folder: a Hub name's last part, or its file's or folder's stem."""
-    name = os.path.basename(spec.split("*")[0].rstrip("/")).split(".")[0] if "*" in spec else Path(spec).stem
-    return re.sub(r"[^\w-]+", "_", name) or "data"
+def set_name(spec):  # a set's row and folder: a Hub name's last part, a file's stem, a folder's (a glob's) name
+    return re.sub(r"[^\w-]+", "_", Path(spec.split("*")[0].rstrip("/")).stem) or "data"
 
 
 def main(argv=None):

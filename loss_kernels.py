@@ -19,8 +19,7 @@ compile_kernels = True  # False runs the same chunk math eagerly (tests, debuggi
 
 
 def _maybe_compiled(fn):
-    # compiled at the first compiled call, not at import: torch.compile loads the compiler, seconds of start-up
-    # for every process that never uses it (eval.py, a CPU run, each test's subprocess)
+    # compiled at the first compiled call, not at import: loading the compiler costs every process seconds
     compiled = functools.cache(lambda: torch.compile(fn, dynamic=False))
 
     @functools.wraps(fn)

@@ -245,8 +245,7 @@ def pbsd_objective(scores, config, stats):
 
 def opsd_objective(scores, config, stats):
     """OPSD: per token of the student's rollouts, the generalized JSD of the teacher's and the student's next-token
-    distributions over the full vocabulary, each of its terms clipped at jsd_term_clip and their sum at
-    jsd_token_clip, if set."""
+    distributions over the full vocabulary; its terms clipped at jsd_term_clip, its sum at jsd_token_clip, if set."""
     divergence = loss_kernels.gjs_divergence(scores.student_hidden, scores.teacher_hidden, scores.head_weight,
                                              beta=config.beta_jsd, temperature=config.temperature,
                                              term_clip=config.jsd_term_clip)  # (N,)
@@ -328,8 +327,6 @@ class Trainer:
         self.check_lengths()
         self.step = 0
         self.history = []  # evaluation results, for the learning curve
-
-    # -- set-up
 
     def lr_scale(self, step):
         """Linear warm-up to lr, then cosine decay to 0 at the last step."""
@@ -435,8 +432,7 @@ class Trainer:
         return scores
 
     def micro_step(self, responses, normalizer, stats):
-        """A micro-batch's share of the step's loss, backpropagated: its objective's sum over normalizer, the step's
-        count of terms per rank. Returns that share."""
+        """A micro-batch's share of the step's loss (its objective's sum over normalizer), backpropagated."""
         config, timer = self.config, time.time()
         scores = self.score(responses)
         on_student = torch.tensor([r.role == "student" for r in responses],  # (N,): the student's rollouts' tokens
@@ -702,10 +698,9 @@ TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, nu
                  tie_word_embeddings=True)
 TOY_TRAIN, TOY_HELD_OUT = 4000, 200  # problems (seeds 1 and 2 of data.synthetic_math)
 TOY_WARM_START = dict(batch_size=32, lr=3e-3, vocab_size=1024, threads=2)
-# What the teacher reads (data.toy_examples), and the task (one addition or subtraction on numbers up to max_value)
-# and warm start that make the world test what it is for. worked: a student still learning, beside a teacher that
-# copies the answer. candidates and mistakes: a teacher right about half the time on every problem, above a student
-# still learning to add, so that the reward-reweighted target lies above the teacher.
+# What the teacher reads (data.toy_examples), the task (an addition or a subtraction on numbers up to max_value) and
+# the warm start that make each world ask its question. worked: a student still learning beside a teacher that copies
+# the answer. candidates, mistakes: a teacher right about half the time on every problem, below its target pi*.
 TOY_WORLDS = {"worked": dict(max_value=10, warm_start_steps=400),
               "candidates": dict(max_value=40, warm_start_steps=1600),
               "mistakes": dict(max_value=40, warm_start_steps=1500)}
@@ -785,9 +780,8 @@ def sft_loss(model, prompts, responses):
 
 @torch.no_grad()
 def toy_target_accuracy(trainer):
-    """How often the reward-reweighted teacher pi* = pi_T exp(r / beta) / Z is right on the held-out problems, and the
-    frozen teacher itself, exactly, as a toy world's response is the answer alone: per problem, p = pi_T(the right
-    response | x, c) and pi*(right) = p e^(1/beta) / (p e^(1/beta) + 1 - p). Returns both means."""
+    """The held-out accuracy of the reward-reweighted teacher pi* = pi_T exp(r / beta) / Z and the teacher's, exact
+    where a response is the answer alone: p = pi_T(right | x, c), pi*(right) = p e^(1/beta) / (p e^(1/beta) + 1 - p)."""
     config, model, tokenizer, examples = trainer.config, trainer.model, trainer.tokenizer, trainer.eval_examples
     prompts = [data.teacher_prompt(e, tokenizer, config.teacher_thinking, config.teacher_template or None)
                for e in examples]

@@ -7,6 +7,7 @@
 model = "Qwen/Qwen3-4B"  # [scripts]
 data = "siyanzhao/Openthoughts_math_30k_opsd"  # [scripts] (they hold out 0.7% of it)
 eval_data = "HuggingFaceH4/aime_2024,yentinglin/aime_2025,MathArena/hmmt_feb_2025"  # [paper]
+out_dir = "runs/grpo_qwen3_4b"  # [project] checkpoints, metrics.jsonl, learning_curve.png
 loss = "grpo"  # no KL term ([scripts] beta 0), advantages scaled by the group's std ([scripts] scale_rewards group)
 n_student = 8  # [scripts] num_generations
 batch_size = 8  # [project] prompts a step; theirs is 4 (32 completions: 8 GPUs x 1 x accumulation 4), which 8 ranks

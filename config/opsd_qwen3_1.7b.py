@@ -7,6 +7,7 @@
 model = "Qwen/Qwen3-1.7B"  # [scripts] scripts/run_opsd_1b.sh
 data = "siyanzhao/Openthoughts_math_30k_opsd"  # [scripts] opsd_train.py loads it
 eval_data = "HuggingFaceH4/aime_2024,yentinglin/aime_2025,MathArena/hmmt_feb_2025"  # [paper] AIME 24, AIME 25, HMMT 25
+out_dir = "runs/opsd_qwen3_1.7b"  # [project] checkpoints, metrics.jsonl, learning_curve.png
 loss = "opsd"
 beta_jsd = 0.0  # [later] forward KL (the snapshot: 0.5)
 jsd_term_clip = 0.05  # [later] their jsd_token_clip, which clips each (token, vocabulary entry) term

@@ -7,6 +7,7 @@
 model = "Qwen/Qwen3-1.7B"  # [pbsd] one of its three sizes
 data = "siyanzhao/Openthoughts_math_30k_opsd"  # [opsd]
 eval_data = "HuggingFaceH4/aime_2024,yentinglin/aime_2025,MathArena/hmmt_feb_2025"  # [opsd]
+out_dir = "runs/pbsd_qwen3_1.7b"  # [project] checkpoints, metrics.jsonl, learning_curve.png
 loss = "pbsd"
 pbsd_label = "teacher"  # [pbsd] its practical loss as close readings agree (README, the method); "reward" is ours
 beta = 0.1  # [project] not published

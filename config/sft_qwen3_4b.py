@@ -7,6 +7,7 @@
 model = "Qwen/Qwen3-4B"  # [scripts]
 data = "siyanzhao/Openthoughts_math_30k_opsd"  # [scripts] (they hold out 1% of it)
 eval_data = "HuggingFaceH4/aime_2024,yentinglin/aime_2025,MathArena/hmmt_feb_2025"  # [paper]
+out_dir = "runs/sft_qwen3_4b"  # [project] checkpoints, metrics.jsonl, learning_curve.png
 loss = "sft"  # the solution's tokens after the student prompt ([scripts]: after "Problem: ..." in their format)
 batch_size = 64  # [scripts] 8 GPUs x 2 x accumulation 4
 micro_batch_size = 2  # [scripts]

@@ -1,7 +1,7 @@
 # OPSD on Qwen3-8B as its authors train it. torchrun --nproc_per_node 8 pbsd.py config/opsd_qwen3_8b.py
 # Where each value comes from (the 1.7B script's, but for the model and the clip):
 #   [scripts]  the authors' code, read in this project's snapshot of github.com/siyan-zhao/OPSD (590ec26, 2026-03-10)
-#   [later]    their Qwen3-1.7B script after that snapshot, as SPEC.md quotes it; not readable here, so not checked
+#   [later]    their Qwen3-1.7B script after that snapshot, as quoted to this project; not readable here: not checked
 #   [paper]    Zhao et al., arXiv:2601.18734
 #   [project]  this project's choice, where nothing is published
 model = "Qwen/Qwen3-8B"  # [paper] (the snapshot's scripts train 1.7B and 4B)

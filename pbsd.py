@@ -686,7 +686,7 @@ def main(argv):
 # arithmetic word problems (data.synthetic_math), whose answer alone is the response ("\\boxed{57}"),
 # warm-started by SFT on student and teacher prompts; then the objective through the same loop.
 TOY_WORLD = dict(out_dir="out/toy", pbsd_label="reward", beta=0.5, max_new_tokens=24, lora_rank=32, lora_alpha=64,
-                 steps=300, batch_size=32, micro_batch_size=32, lr=2e-3, warmup_steps=30, dtype="float32",
+                 steps=300, batch_size=32, micro_batch_size=32, lr=3e-3, warmup_steps=30, dtype="float32",
                  gradient_checkpointing=False, compile=False, eval_every=50, eval_k=4, eval_problems=200,
                  save_every=50, keep_last=2,
                  # short prompts keep a 4-layer model's sequences short; the real templates are data.TEMPLATES

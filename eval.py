@@ -234,14 +234,14 @@ def plot_run(metrics_path, png_path):
     panels = iter(axes.flat)
     if evals:
         ax = next(panels)
-        ax.plot([r["step"] for r in evals], [r["eval_avg_at_k"] for r in evals], "o-", label="student (held out)")
-        teacher = [r["teacher_avg_at_k"] for r in evals if "teacher_avg_at_k" in r]
-        if teacher:
-            ax.axhline(teacher[0], color="gray", ls="--", label="frozen teacher (with solution)")
+        ax.plot([r["step"] for r in evals], [r["eval_avg_at_k"] for r in evals], "o-", label="student, Avg@k")
+        ax.plot([r["step"] for r in evals], [r["eval_greedy_accuracy"] for r in evals], "s--", label="student, greedy")
+        for r in (r for r in evals if "teacher_avg_at_k" in r):  # the frozen teacher, evaluated once
+            ax.axhline(r["teacher_avg_at_k"], color="gray", ls="--", label="frozen teacher (with solution), Avg@k")
         for r in (r for r in rows if "target_accuracy" in r):  # a toy world's, exact
             ax.axhline(r["target_accuracy"], color="gray", ls=":",
                        label=f"reward-reweighted teacher (beta {r['beta']})")
-        ax.set(xlabel="step", ylabel=f"Avg@{evals[0]['eval_k']}", title="held-out accuracy", ylim=(0, 1.02))
+        ax.set(xlabel="step", ylabel=f"accuracy (k = {evals[0]['eval_k']})", title="held-out accuracy", ylim=(0, 1.02))
         ax.legend(fontsize=8)
     for (title, ylabel, lines), ax in zip(curves, panels):
         for color, (key, label) in enumerate(lines):

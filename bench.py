@@ -600,6 +600,8 @@ def report_sweep(results, lrs, out_dir):
         ax.axhline(result["world"]["eval_avg_at_k"], color="gray", ls="--", label="student before")
         ax.set(xscale="log", xlabel="learning rate", ylabel=f"final Avg@{result['world']['eval_k']} (seed 0)",
                title=world, ylim=(0, 1))
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], minor=False)
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "sweep.png"), dpi=110)

@@ -450,7 +450,7 @@ TOY_LONG = dict(worlds=("candidates",), steps=1000, objectives=TOY_OBJECTIVES[:3
 
 
 def bench_toy_protocol(out_dir="out/bench_toy"):
-    """python bench.py toy: the whole protocol, about 9 CPU-hours on the project's 2-core machine."""
+    """python bench.py toy: the whole protocol, every world (BENCHMARKS.md has what it gave)."""
     bench_toy(worlds=("worked", "candidates"), out_dir=out_dir)
     bench_toy(worlds=("mistakes",), out_dir=out_dir, objectives=TOY_OBJECTIVES[:3])
 

@@ -442,7 +442,7 @@ TOY_OBJECTIVES = [("PBSD, label reward", ["--loss=pbsd", "--pbsd_label=reward"])
                   ("OPSD (JSD, beta_jsd 0.5)", ["--loss=opsd"]),
                   ("GRPO (2 rollouts a prompt)", ["--loss=grpo", "--n_student=2"]),
                   ("SFT on the reference", ["--loss=sft"])]
-TOY_LRS = (3e-4, 1e-3, 3e-3)  # a factor of 3 apart, about the toy preset's rate
+TOY_LRS = (3e-4, 1e-3, 3e-3)  # a factor of 3 apart, the toy preset's rate among them
 TOY_SEEDS = (0, 1, 2)  # the sweep runs seed 0; the best rate then runs the others
 # where the reward-reweighted target lies above the teacher (candidates, and mistakes: the same question with the
 # problem's own decoy), the objectives the claim compares also run a longer budget
@@ -600,7 +600,7 @@ def report_sweep(results, lrs, out_dir):
         ax.axhline(result["world"]["eval_avg_at_k"], color="gray", ls="--", label="student before")
         ax.set(xscale="log", xlabel="learning rate", ylabel=f"final Avg@{result['world']['eval_k']} (seed 0)",
                title=world, ylim=(0, 1))
-        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], minor=False)
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
         ax.minorticks_off()
         ax.legend(fontsize=7)
     fig.tight_layout()
